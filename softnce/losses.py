@@ -1,0 +1,380 @@
+"""Classification losses: soft target InfoNCE (STI) and its baselines.
+
+Every loss is a pure function that returns the per-example loss, shape ``[N]``; the caller reduces.
+Notation (PAPER.md): ``N`` examples on this device, ``M`` examples in the global batch, ``C`` classes,
+logits ``z`` ``[N, C]``, soft targets ``a`` (rows on the simplex), temperature ``t``, noise
+distribution ``eta`` over classes (passed as ``log_noise_probs = log(eta)``, shape ``[C]``).
+
+Soft target InfoNCE, exactly as the reference computes it::
+
+    s_i    = z_i / t - log(eta)
+    S[i,j] = a_j . s_i                 j over all M targets of the global batch
+    L_i    = logsumexp_j S[i,j] - S[i,i]
+
+computed as ``S = s @ A^T`` (no ``[N, M, C]`` intermediate). With ``axis_name`` set (inside
+``jax.shard_map`` or ``jax.pmap``) the targets are all-gathered over that axis without gradient and
+the positive of local row ``i`` is global column ``i + N * axis_index``.
+
+Adding a loss to the trainer is one pure function plus one :func:`register_loss` entry; the
+registered function has the signature ``fn(logits, inputs: LossInputs) -> [N]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------------------------------
+# Shape checks (trace time) and host-side validation.
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_logits(fn: str, logits) -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"{fn}: logits must have shape [N, C], got shape {tuple(logits.shape)}.")
+
+
+def _check_targets(fn: str, logits, targets) -> None:
+    _check_logits(fn, logits)
+    if tuple(targets.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"{fn}: targets must have the same shape as logits [N, C]; got logits "
+            f"{tuple(logits.shape)} and targets {tuple(targets.shape)}."
+        )
+
+
+def _check_labels(fn: str, logits, labels) -> None:
+    _check_logits(fn, logits)
+    if tuple(labels.shape) != (logits.shape[0],):
+        raise ValueError(
+            f"{fn}: labels must have shape [N] = ({logits.shape[0]},) to match logits "
+            f"{tuple(logits.shape)}; got labels {tuple(labels.shape)}."
+        )
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"{fn}: labels must be integer class indices, got dtype {labels.dtype}.")
+
+
+def _check_noise(fn: str, logits, log_noise_probs) -> None:
+    if log_noise_probs is not None and tuple(log_noise_probs.shape) != (logits.shape[-1],):
+        raise ValueError(
+            f"{fn}: log_noise_probs must have shape [C] = ({logits.shape[-1]},) to match logits "
+            f"{tuple(logits.shape)}; got {tuple(log_noise_probs.shape)}."
+        )
+
+
+def validate_targets(targets, *, atol: float = 1e-4) -> None:
+    """Host-side check that every row of ``targets`` ``[N, C]`` is a probability distribution.
+
+    Raises ``ValueError`` naming the first offending row if an entry is non-finite or negative, or a
+    row does not sum to 1 within ``atol``. Call it on data before training (not inside ``jit``).
+    """
+    t = np.asarray(targets, dtype=np.float64)
+    if t.ndim != 2:
+        raise ValueError(f"targets must have shape [N, C], got shape {t.shape}.")
+    bad = ~np.isfinite(t).all(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"targets row {i} has non-finite entries: {t[i].tolist()}.")
+    bad = (t < 0).any(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"targets row {i} has negative entries: {t[i].tolist()}.")
+    sums = t.sum(axis=1)
+    bad = np.abs(sums - 1.0) > atol
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"targets row {i} sums to {sums[i]:.6g}, not 1 (atol={atol}): {t[i].tolist()}. "
+            "Soft targets must be probability distributions; normalise the rows."
+        )
+
+
+def log_class_prior(labels, num_classes: int, *, smoothing: float = 0.0) -> Array:
+    """Log of the training-label frequencies, the noise distribution ``eta`` of (ST-)InfoNCE.
+
+    ``eta[c] = (count[c] + smoothing) / (num_examples + num_classes * smoothing)``.
+
+    Args:
+      labels: integer labels ``[num_examples]`` of the whole training set (host array).
+      num_classes: ``C``.
+      smoothing: additive (Laplace) smoothing of the counts. With the default 0 a class with no
+        example makes ``log(eta)`` infinite, which is an error; set ``smoothing > 0`` to allow it.
+
+    Returns:
+      ``log(eta)``, float32 ``[C]``.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array, got shape {labels.shape}.")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}.")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}); found min {labels.min()}, max {labels.max()}."
+        )
+    if smoothing < 0:
+        raise ValueError(f"smoothing must be >= 0, got {smoothing}.")
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    empty = np.flatnonzero(counts == 0)
+    if smoothing == 0 and empty.size:
+        raise ValueError(
+            f"class prior: {empty.size} class(es) have zero training examples (classes "
+            f"{empty[:20].tolist()}{'...' if empty.size > 20 else ''}), so log(eta) would be -inf. "
+            "Check num_classes and the labels, or pass smoothing > 0 (e.g. 1.0) to smooth the counts."
+        )
+    probs = (counts + smoothing) / (counts.sum() + num_classes * smoothing)
+    return jnp.asarray(np.log(probs), dtype=jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses.
+# --------------------------------------------------------------------------------------------------
+
+
+def _scaled_scores(logits, log_noise_probs, temperature) -> Array:
+    """``s = z / t - log(eta)`` in at least float32, ``[N, C]``."""
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    s = logits.astype(dtype) / temperature
+    if log_noise_probs is not None:
+        s = s - log_noise_probs.astype(dtype)
+    return s
+
+
+def _gather_over_devices(x: Array, axis_name: Optional[str]) -> tuple[Array, Array]:
+    """All-gathers ``x`` ``[N, ...]`` to ``[M, ...]``; returns it and the global row offset."""
+    if axis_name is None:
+        return x, jnp.zeros((), jnp.int32)
+    gathered = jax.lax.all_gather(x, axis_name, tiled=True)
+    return gathered, jax.lax.axis_index(axis_name) * x.shape[0]
+
+
+def _contrastive_loss(scores: Array, offset: Array) -> Array:
+    """``logsumexp_j S[i, j] - S[i, i + offset]`` for scores ``[N, M]``."""
+    n = scores.shape[0]
+    positive_col = jnp.arange(n) + offset
+    positive = jnp.take_along_axis(scores, positive_col[:, None], axis=1)[:, 0]
+    return jax.nn.logsumexp(scores, axis=1) - positive
+
+
+def soft_target_infonce(
+    logits: Array,
+    targets: Array,
+    *,
+    log_noise_probs: Optional[Array] = None,
+    temperature: float = 1.0,
+    axis_name: Optional[str] = None,
+) -> Array:
+    """Soft target InfoNCE (STI), per example.
+
+    ``s = z / t - log(eta)``; ``S = s @ A^T`` with ``A`` the ``[M, C]`` targets of the global batch;
+    ``L_i = logsumexp_j S[i, j] - S[i, i + N * device]``. Cost ``O(N M C)`` flops, ``O(N M)`` memory.
+
+    Args:
+      logits: ``[N, C]`` classifier outputs on this device.
+      targets: ``[N, C]`` soft targets (rows on the simplex; see :func:`validate_targets`). They are
+        treated as constants (no gradient flows into them).
+      log_noise_probs: ``log(eta)``, ``[C]``; ``None`` means uniform ``eta`` (which cancels).
+      temperature: ``t``, divides the logits before ``log(eta)`` is subtracted.
+      axis_name: mapped axis to gather the targets over (inside ``shard_map``/``pmap``); ``None`` uses
+        this batch only.
+
+    Returns:
+      ``[N]`` float32 losses.
+
+    >>> z = jnp.array([[2.0, 0.0], [0.0, 1.0]]); a = jnp.array([[0.9, 0.1], [0.2, 0.8]])
+    >>> soft_target_infonce(z, a).round(4)
+    Array([0.2204, 0.4032], dtype=float32)
+    """
+    fn = "soft_target_infonce"
+    _check_targets(fn, logits, targets)
+    _check_noise(fn, logits, log_noise_probs)
+    s = _scaled_scores(logits, log_noise_probs, temperature)
+    all_targets, offset = _gather_over_devices(jax.lax.stop_gradient(targets).astype(s.dtype), axis_name)
+    scores = s @ all_targets.T
+    return _contrastive_loss(scores, offset)
+
+
+def infonce(
+    logits: Array,
+    labels: Array,
+    *,
+    log_noise_probs: Optional[Array] = None,
+    temperature: float = 1.0,
+    axis_name: Optional[str] = None,
+) -> Array:
+    """Hard InfoNCE: :func:`soft_target_infonce` with ``a = one_hot(y)``, per example.
+
+    ``S[i, j] = s_i[y_j]`` is a gather (``O(N M)``, no matmul); duplicate classes in the batch stay
+    separate candidates. Args as :func:`soft_target_infonce`, with integer ``labels`` ``[N]``.
+    """
+    fn = "infonce"
+    _check_labels(fn, logits, labels)
+    _check_noise(fn, logits, log_noise_probs)
+    s = _scaled_scores(logits, log_noise_probs, temperature)
+    all_labels, offset = _gather_over_devices(labels, axis_name)
+    scores = jnp.take(s, all_labels, axis=1)
+    return _contrastive_loss(scores, offset)
+
+
+def soft_target_cross_entropy(logits: Array, targets: Array, *, temperature: float = 1.0) -> Array:
+    """Soft-target cross-entropy ``L_i = -sum_c a_i[c] log_softmax(z_i / t)[c]``, ``[N]``."""
+    _check_targets("soft_target_cross_entropy", logits, targets)
+    s = _scaled_scores(logits, None, temperature)
+    return optax.losses.softmax_cross_entropy(s, targets.astype(s.dtype))
+
+
+def nll(logits: Array, labels: Array) -> Array:
+    """Hard cross-entropy (negative log-likelihood) ``L_i = -log_softmax(z_i)[y_i]``, ``[N]``."""
+    _check_labels("nll", logits, labels)
+    s = _scaled_scores(logits, None, 1.0)
+    return optax.losses.softmax_cross_entropy_with_integer_labels(s, labels)
+
+
+def sample_hard_labels(rng: Array, targets: Array) -> Array:
+    """Draws ``y_i ~ Categorical(a_i)`` for targets ``[N, C]``; returns int32 ``[N]``."""
+    log_a = jnp.log(jnp.clip(targets.astype(jnp.float32), 0.0, None))
+    return jax.random.categorical(rng, log_a, axis=-1).astype(jnp.int32)
+
+
+def soft_distribution_infonce(
+    logits: Array,
+    targets: Array,
+    rng: Array,
+    *,
+    log_noise_probs: Optional[Array] = None,
+    temperature: float = 1.0,
+    axis_name: Optional[str] = None,
+) -> Array:
+    """Soft distribution InfoNCE (sampled): hard :func:`infonce` on ``y_i ~ Categorical(a_i)``.
+
+    The principled form of the paper's baseline that trains hard InfoNCE on soft-target data. With
+    ``axis_name`` set, ``rng`` is folded with the device index, so every device may pass the same key
+    and still draws independent labels. (The reference's own variant keeps each sample's pre-mix
+    label; it is registered as ``soft_distribution_infonce_premix``.)
+    """
+    _check_targets("soft_distribution_infonce", logits, targets)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    labels = sample_hard_labels(rng, targets)
+    return infonce(
+        logits, labels, log_noise_probs=log_noise_probs, temperature=temperature, axis_name=axis_name
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry: config name -> loss.
+# --------------------------------------------------------------------------------------------------
+
+
+class LossInputs(NamedTuple):
+    """Everything a registered loss may use besides the logits (per device).
+
+    Attributes:
+      targets: ``[N, C]`` soft targets after label smoothing and MixUp/CutMix (``one_hot(labels)``
+        when augmentation is off).
+      labels: ``[N]`` int hard labels (for mixed batches: each sample's own pre-mix label).
+      rng: PRNG key for losses that sample (already distinct per device).
+      log_noise_probs: ``log(eta)`` ``[C]`` or ``None`` (uniform).
+      temperature: ``t``.
+      axis_name: the data-parallel axis name, or ``None`` on a single device.
+    """
+
+    targets: Array
+    labels: Array
+    rng: Array
+    log_noise_probs: Optional[Array] = None
+    temperature: float = 1.0
+    axis_name: Optional[str] = None
+
+
+LossFn = Callable[[Array, LossInputs], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """A registry entry: the loss and whether it uses the noise prior ``eta``."""
+
+    name: str
+    fn: LossFn
+    uses_noise_prior: bool
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, *, uses_noise_prior: bool = False) -> Callable[[LossFn], LossFn]:
+    """Decorator: registers ``fn(logits, inputs: LossInputs) -> [N]`` under ``name``."""
+
+    def decorator(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ValueError(f"a loss named {name!r} is already registered.")
+        LOSSES[name] = LossSpec(name=name, fn=fn, uses_noise_prior=uses_noise_prior)
+        return fn
+
+    return decorator
+
+
+def get_loss(name: str) -> LossSpec:
+    """Returns the registered loss ``name``; an unknown name lists the valid ones."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(sorted(LOSSES))}.")
+    return LOSSES[name]
+
+
+@register_loss("nll")
+def _nll(logits, inputs: LossInputs):
+    return nll(logits / inputs.temperature, inputs.labels)
+
+
+@register_loss("soft_target_cross_entropy")
+def _soft_ce(logits, inputs: LossInputs):
+    return soft_target_cross_entropy(logits, inputs.targets, temperature=inputs.temperature)
+
+
+@register_loss("infonce", uses_noise_prior=True)
+def _infonce(logits, inputs: LossInputs):
+    return infonce(
+        logits,
+        inputs.labels,
+        log_noise_probs=inputs.log_noise_probs,
+        temperature=inputs.temperature,
+        axis_name=inputs.axis_name,
+    )
+
+
+@register_loss("soft_target_infonce", uses_noise_prior=True)
+def _sti(logits, inputs: LossInputs):
+    return soft_target_infonce(
+        logits,
+        inputs.targets,
+        log_noise_probs=inputs.log_noise_probs,
+        temperature=inputs.temperature,
+        axis_name=inputs.axis_name,
+    )
+
+
+@register_loss("soft_distribution_infonce", uses_noise_prior=True)
+def _sampled_infonce(logits, inputs: LossInputs):
+    # inputs.rng is already distinct per device, so no further fold-in (axis_name=None for sampling).
+    labels = sample_hard_labels(inputs.rng, inputs.targets)
+    return infonce(
+        logits,
+        labels,
+        log_noise_probs=inputs.log_noise_probs,
+        temperature=inputs.temperature,
+        axis_name=inputs.axis_name,
+    )
+
+
+@register_loss("soft_distribution_infonce_premix", uses_noise_prior=True)
+def _premix_infonce(logits, inputs: LossInputs):
+    # The reference's variant: hard InfoNCE on each sample's own label from before MixUp/CutMix.
+    return _infonce(logits, inputs)
