@@ -285,6 +285,9 @@ class LossInputs(NamedTuple):
       log_noise_probs: ``log(eta)`` ``[C]`` or ``None`` (uniform).
       temperature: ``t``.
       axis_name: the data-parallel axis name, or ``None`` on a single device.
+      structured_targets: the same targets as ``targets`` in structured form (per-row class indices
+        and weights plus a uniform mass), when the augmentation produced them; losses that can use
+        them (STI) then avoid the dense ``[M, C]`` gather. ``None`` otherwise.
     """
 
     targets: Array
@@ -293,6 +296,7 @@ class LossInputs(NamedTuple):
     log_noise_probs: Optional[Array] = None
     temperature: float = 1.0
     axis_name: Optional[str] = None
+    structured_targets: Optional[object] = None
 
 
 LossFn = Callable[[Array, LossInputs], Array]
