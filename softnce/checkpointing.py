@@ -1,0 +1,56 @@
+"""Orbax checkpoints of the train state: periodic saves, resume from the latest, clean preemption.
+
+Orbax writes each step to a temporary directory and renames it only once complete, so an
+interrupted save is never listed as the latest step; ``latest_step`` and ``restore`` only ever see
+finished checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def make_manager(directory: str, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    """A ``CheckpointManager`` for ``directory`` (saves are triggered explicitly by the trainer)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+    """Saves ``state`` at ``step`` (asynchronously; call ``manager.wait_until_finished()`` to block)."""
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = None) -> Any:
+    """Restores the checkpoint at ``step`` (default: latest) into the structure/shardings of ``target``.
+
+    ``target`` may be a concrete state or its ``jax.eval_shape``; arrays come back with the
+    shardings of ``target`` (replicated over the mesh for the trainer's state).
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no finished checkpoint in {manager.directory}.")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_params(path: str, target_params: Any) -> Any:
+    """Loads only the ``params`` of a trainer checkpoint directory (``.../checkpoints``) or step dir.
+
+    Used to start a new run from an earlier run's weights (``config.init.checkpoint``).
+    """
+    path = os.path.abspath(path)
+    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"config.init.checkpoint={path!r} holds no finished checkpoint; give the 'checkpoints' "
+            "directory inside an earlier run's workdir."
+        )
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+    params = restored["params"]
+    return jax.tree.map(lambda t, x: jax.numpy.asarray(x, t.dtype).reshape(t.shape), target_params, params)
