@@ -60,6 +60,15 @@ def _check_labels(fn: str, logits, labels) -> None:
         )
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"{fn}: labels must be integer class indices, got dtype {labels.dtype}.")
+    # Under jit an out-of-range label cannot raise (it gives NaN or wraps around); concrete
+    # (eager) labels are checked here.
+    if not isinstance(labels, jax.core.Tracer) and labels.size:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= logits.shape[-1]:
+            raise ValueError(
+                f"{fn}: labels must lie in [0, {logits.shape[-1]}) (C = logits.shape[-1]); "
+                f"found min {low}, max {high}."
+            )
 
 
 def _check_noise(fn: str, logits, log_noise_probs) -> None:
@@ -190,8 +199,8 @@ def soft_target_infonce(
       ``[N]`` float32 losses.
 
     >>> z = jnp.array([[2.0, 0.0], [0.0, 1.0]]); a = jnp.array([[0.9, 0.1], [0.2, 0.8]])
-    >>> soft_target_infonce(z, a).round(4)
-    Array([0.2204, 0.4032], dtype=float32)
+    >>> np.round(np.asarray(soft_target_infonce(z, a)), 4)
+    array([0.2204, 0.4032], dtype=float32)
     """
     fn = "soft_target_infonce"
     _check_targets(fn, logits, targets)
