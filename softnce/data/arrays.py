@@ -1,0 +1,97 @@
+"""In-memory datasets (numpy arrays): exact, skippable shuffling for small data."""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+
+from softnce.data.base import Batch, Dataset
+
+
+class ArrayDataset(Dataset):
+    """A dataset held in memory, shared by all processes, each feeding its slice of the global batch.
+
+    Training order: epoch ``e`` is a permutation drawn from ``(seed, e)``; step ``s`` takes rows
+    ``[b * (s mod E), b * (s mod E + 1))`` of epoch ``s // E`` with ``b`` the global batch and
+    ``E = n // b`` steps per epoch (the remainder is dropped). Process ``p`` of ``P`` takes the
+    ``p``-th ``1/P`` of that global batch, so the global batch does not depend on the number of
+    processes or devices, and resuming at ``start_step`` continues exactly.
+
+    Args:
+      train_inputs, train_labels: ``[n, ...]`` float32 and ``[n]`` int.
+      eval_inputs, eval_labels: the held-out split.
+      num_classes: ``C``.
+      train_targets: optional soft targets ``[n, C]`` given with the data (e.g. annotator votes);
+        batches then carry ``targets`` and the trainer uses them instead of ``one_hot(label)``.
+    """
+
+    def __init__(
+        self,
+        train_inputs,
+        train_labels,
+        eval_inputs,
+        eval_labels,
+        *,
+        num_classes: int,
+        train_targets=None,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        self.train_inputs = np.asarray(train_inputs, np.float32)
+        self.train_labels = np.asarray(train_labels, np.int32)
+        self.eval_inputs = np.asarray(eval_inputs, np.float32)
+        self.eval_labels = np.asarray(eval_labels, np.int32)
+        self.train_targets = None if train_targets is None else np.asarray(train_targets, np.float32)
+        if len(self.train_inputs) != len(self.train_labels) or len(self.eval_inputs) != len(self.eval_labels):
+            raise ValueError("inputs and labels must have the same number of rows in each split.")
+        if self.train_targets is not None and self.train_targets.shape != (len(self.train_labels), num_classes):
+            raise ValueError(
+                f"train_targets must have shape [n, C] = {(len(self.train_labels), num_classes)}, "
+                f"got {self.train_targets.shape}."
+            )
+        self.num_classes = num_classes
+        self.example_shape = tuple(self.train_inputs.shape[1:])
+        self.num_train_examples = len(self.train_labels)
+        self.num_eval_examples = len(self.eval_labels)
+        self.process_index = process_index
+        self.process_count = process_count
+
+    def train_label_counts(self) -> np.ndarray:
+        return np.bincount(self.train_labels, minlength=self.num_classes)
+
+    def _process_slice(self, global_size: int) -> slice:
+        share = global_size // self.process_count
+        return slice(self.process_index * share, (self.process_index + 1) * share)
+
+    def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
+        global_size = batch_size * self.process_count
+        steps_per_epoch = self.num_train_examples // global_size
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"the global batch ({global_size}) is larger than the training set "
+                f"({self.num_train_examples} examples); lower config.data.batch_size."
+            )
+        step = start_step
+        order: Optional[np.ndarray] = None
+        epoch = -1
+        while True:
+            if step // steps_per_epoch != epoch:
+                epoch = step // steps_per_epoch
+                order = np.random.default_rng([seed, epoch]).permutation(self.num_train_examples)
+            start = (step % steps_per_epoch) * global_size
+            rows = order[start : start + global_size][self._process_slice(global_size)]
+            batch = {"inputs": self.train_inputs[rows], "label": self.train_labels[rows]}
+            if self.train_targets is not None:
+                batch["targets"] = self.train_targets[rows]
+            yield batch
+            step += 1
+
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        global_size = batch_size * self.process_count
+        num_batches = -(-self.num_eval_examples // global_size)
+        for b in range(num_batches):
+            rows = np.arange(b * global_size, (b + 1) * global_size)[self._process_slice(global_size)]
+            valid = rows < self.num_eval_examples
+            rows = np.where(valid, rows, 0)
+            yield {"inputs": self.eval_inputs[rows], "label": self.eval_labels[rows], "mask": valid}
