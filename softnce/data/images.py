@@ -1,0 +1,299 @@
+"""tfds + tf.data image pipelines (ImageNet-1k, CIFAR-100, Tiny ImageNet) behind the Dataset interface.
+
+Each process builds one :class:`ImageDataset` with :func:`make_image_dataset` and reads its own
+share of every split (``tfds.even_splits(split, n=process_count)[process_index]``). Batches are
+numpy: ``inputs`` float32 ``[B, S, S, 3]`` (normalised with the dataset's mean/std), ``label``
+int32 ``[B]`` and, for evaluation, ``mask`` bool ``[B]``.
+
+Training (timm's transform of the reference recipe, see :mod:`softnce.data.image_augment`):
+random resized crop to ``S`` (bicubic), horizontal flip, RandAugment, normalisation, random erasing.
+Evaluation: shorter side to ``floor(S / 0.875)`` (bicubic), centre crop ``S``, normalisation.
+
+TensorFlow is kept off the accelerators when this module is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from softnce.data import image_augment as augment
+from softnce.data import tiny_imagenet  # noqa: F401  (registers the 'tiny_imagenet' builder)
+from softnce.data.base import Batch, Dataset
+
+try:  # TensorFlow must never take the GPU/TPU memory that JAX needs.
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # Devices were already initialised (visible devices can then not change).
+    pass
+
+EVAL_CROP_FRACTION = 0.875
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """Static facts about one supported tfds dataset."""
+
+    num_classes: int
+    train_split: str
+    eval_split: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    prepare: str  # How to prepare the data; '{data_dir}' is filled in.
+
+
+SPECS: dict[str, DatasetSpec] = {
+    "imagenet2012": DatasetSpec(
+        1000, "train", "validation", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+        "ImageNet-1k cannot be downloaded automatically. Download ILSVRC2012_img_train.tar and "
+        "ILSVRC2012_img_val.tar from https://image-net.org, put both files (unextracted) in "
+        "{data_dir}/downloads/manual/, then run:\n"
+        "  python -m softnce.data.images --name imagenet2012 --data_dir {data_dir}"),
+    "cifar100": DatasetSpec(
+        100, "train", "test", (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761),
+        "Download and prepare CIFAR-100 with:\n"
+        "  python -m softnce.data.images --name cifar100 --data_dir {data_dir}"),
+    "tiny_imagenet": DatasetSpec(
+        200, "train", "validation", (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262),
+        "Download http://cs231n.stanford.edu/tiny-imagenet-200.zip, put it (or the extracted "
+        "tiny-imagenet-200/ folder) in {data_dir}/downloads/manual/, then run:\n"
+        "  python -m softnce.data.images --name tiny_imagenet --data_dir {data_dir}"),
+}
+
+
+def default_image_config() -> ml_collections.ConfigDict:
+    """The data config with the reference recipe's defaults (see :func:`make_image_dataset`)."""
+    return ml_collections.ConfigDict(dict(
+        name="imagenet2012", data_dir=None, image_size=224, train_split=None, eval_split=None,
+        num_train_examples=None, num_eval_examples=None, randaugment="rand-m9-mstd0.5-inc1",
+        random_erasing_prob=0.25, shuffle_buffer=16_384, cache=False, cache_dir=None))
+
+
+def make_image_dataset(config: ml_collections.ConfigDict, *, process_index: int,
+                       process_count: int) -> "ImageDataset":
+    """Builds this process's view of a prepared tfds image dataset.
+
+    Config fields (missing ones take :func:`default_image_config`'s values):
+      name: ``'imagenet2012'`` | ``'cifar100'`` | ``'tiny_imagenet'``.
+      data_dir: the tfds data directory (None: tfds's default, ``~/tensorflow_datasets``).
+      image_size: side ``S`` of the square training/evaluation images (224 in the recipe).
+      train_split, eval_split: tfds split names (None: ``'train'`` and ``'validation'``,
+        ``'test'`` for CIFAR-100).
+      num_train_examples, num_eval_examples: split sizes (None: from ``builder.info.splits``;
+        must be given under ``tfds.testing.mock_data``, which has no split metadata).
+      randaugment: timm RandAugment spec (``'rand-m9-mstd0.5-inc1'``), ``''`` disables it.
+      random_erasing_prob: probability of timm's pixel-mode random erasing (0.25; 0 disables it).
+      shuffle_buffer: examples in the training shuffle buffer.
+      cache: keep the encoded examples of this process's shares in memory after the first pass.
+      cache_dir: where ``train_label_counts`` stores its ``.npy`` (None: the dataset's directory).
+
+    Raises:
+      FileNotFoundError: the dataset was never prepared in ``data_dir`` (the message says how).
+      ValueError: unknown dataset name, bad process index, or split sizes that are unknown.
+    """
+    full = default_image_config()
+    full.update(dict(config))
+    if full.name not in SPECS:
+        raise ValueError(f"Unknown image dataset {full.name!r}; choose one of {sorted(SPECS)}.")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+    builder = tfds.builder(full.name, data_dir=full.data_dir)
+    assert_prepared(builder, full.name)
+    return ImageDataset(full, builder, process_index=process_index, process_count=process_count)
+
+
+def assert_prepared(builder: tfds.core.DatasetBuilder, name: str) -> None:
+    """Raises FileNotFoundError naming what is missing and how to prepare it, unless prepared."""
+    if builder.is_prepared():
+        return
+    data_dir = os.fspath(builder.data_dir_root)
+    missing = ""
+    if name == "imagenet2012":
+        manual = os.path.join(data_dir, "downloads", "manual")
+        absent = [f for f in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+                  if not tf.io.gfile.exists(os.path.join(manual, f))]
+        missing = f" Missing manual downloads in {manual}: {', '.join(absent)}." if absent else ""
+    raise FileNotFoundError(
+        f"Dataset {name!r} is not prepared: no {builder.data_dir}.{missing}\n"
+        + SPECS[name].prepare.format(data_dir=data_dir))
+
+
+class ImageDataset(Dataset):
+    """One process's view of a tfds image classification dataset (see the module docstring)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, *,
+                 process_index: int, process_count: int):
+        spec = SPECS[config.name]
+        self.config = config
+        self.builder = builder
+        self.spec = spec
+        self.process_index = process_index
+        self.process_count = process_count
+        self.train_split = config.train_split or spec.train_split
+        self.eval_split = config.eval_split or spec.eval_split
+        self.num_classes = spec.num_classes
+        self.example_shape = (config.image_size, config.image_size, 3)
+        self.num_train_examples = self._split_size(self.train_split, config.num_train_examples)
+        self.num_eval_examples = self._split_size(self.eval_split, config.num_eval_examples)
+        self.rand_augment = augment.parse_rand_augment(config.randaugment) if config.randaugment else None
+
+    def _split_size(self, split: str, configured: int | None) -> int:
+        if configured is not None:
+            return int(configured)
+        try:
+            return int(self.builder.info.splits[split].num_examples)
+        except KeyError:
+            raise ValueError(
+                f"The size of split {split!r} of {self.builder.name!r} is unknown (no split metadata, e.g. "
+                "under tfds.testing.mock_data): set config.num_train_examples / num_eval_examples.") from None
+
+    def _process_split(self, split: str) -> str:
+        return tfds.even_splits(split, n=self.process_count)[self.process_index]
+
+    # ------------------------------------------------------------------ label counts
+    def train_label_counts(self) -> np.ndarray:
+        """Per-class counts ``[C]`` over the whole training split (label-only pass, cached as .npy)."""
+        path = self._label_counts_path()
+        if tf.io.gfile.exists(path):
+            with tf.io.gfile.GFile(path, "rb") as f:
+                counts = np.load(f)
+            if counts.shape == (self.num_classes,):
+                return counts
+        labels = self.builder.as_dataset(split=self.train_split,
+                                         decoders={"image": tfds.decode.SkipDecoding()})
+        labels = labels.map(lambda ex: ex["label"], num_parallel_calls=tf.data.AUTOTUNE).batch(65_536)
+        counts = np.zeros(self.num_classes, np.int64)
+        for chunk in labels.as_numpy_iterator():
+            counts += np.bincount(chunk, minlength=self.num_classes)[:self.num_classes]
+        _atomic_save(path, counts, suffix=f".tmp{self.process_index}")
+        return counts
+
+    def _label_counts_path(self) -> str:
+        directory = self.config.cache_dir or self.builder.data_dir
+        split = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.train_split)
+        return os.path.join(directory, f"{self.builder.name}_{split}_label_counts.npy")
+
+    # ------------------------------------------------------------------ training
+    def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
+        """Endless shuffled, augmented batches of ``batch_size`` (this process's share).
+
+        Deterministic in ``(seed, start_step, process_index)``: file order, shuffle and every
+        augmentation draw come from seeds derived from these. Resuming at ``start_step`` does not
+        replay the exact stream an uninterrupted run would have seen; it reshuffles with a
+        step-dependent seed (skipping ``start_step`` batches of ImageNet would cost as much as reading them).
+        """
+        ds = self.train_dataset(batch_size, seed=seed, start_step=start_step)
+        return ds.as_numpy_iterator()
+
+    def train_dataset(self, batch_size: int, *, seed: int, start_step: int = 0) -> tf.data.Dataset:
+        """The ``tf.data`` pipeline behind :meth:`train_batches`."""
+        entropy = np.random.SeedSequence([seed, start_step, self.process_index]).generate_state(3)
+        file_seed, shuffle_seed = int(entropy[0]), int(entropy[1])
+        example_key = tf.constant([entropy[2] >> 1, seed & 0x7FFFFFFF], tf.int64)
+        read_config = tfds.ReadConfig(shuffle_seed=file_seed, options=_deterministic_options())
+        ds = self.builder.as_dataset(split=self._process_split(self.train_split), shuffle_files=True,
+                                     decoders={"image": tfds.decode.SkipDecoding()}, read_config=read_config)
+        ds = ds.map(lambda ex: (ex["image"], ex["label"]))
+        if self.config.cache:
+            ds = ds.cache()
+        ds = ds.repeat().shuffle(self.config.shuffle_buffer, seed=shuffle_seed).enumerate()
+
+        def preprocess(index, example):
+            image_bytes, label = example
+            key = tf.random.experimental.stateless_fold_in(example_key, index)
+            return {"inputs": self.train_preprocess(image_bytes, key), "label": tf.cast(label, tf.int32)}
+
+        ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        return ds.with_options(_deterministic_options())
+
+    def train_preprocess(self, image_bytes: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
+        """Encoded image -> float32 ``[S, S, 3]``: crop, flip, RandAugment, normalise, erase."""
+        crop_key, flip_key, ra_key, erase_key = tf.unstack(tf.random.experimental.stateless_split(key, 4))
+        image = augment.decode_and_random_resized_crop(image_bytes, self.config.image_size, crop_key)
+        image = augment.random_flip_left_right(image, flip_key)
+        if self.rand_augment is not None:
+            image = augment.rand_augment(image, ra_key, self.rand_augment)
+        image = augment.normalize(image, self.spec.mean, self.spec.std)
+        if self.config.random_erasing_prob > 0:
+            image = augment.random_erasing(image, erase_key, prob=self.config.random_erasing_prob)
+        image.set_shape(self.example_shape)
+        return image
+
+    # ------------------------------------------------------------------ evaluation
+    def num_eval_batches(self, batch_size: int) -> int:
+        """``ceil(num_eval_examples / (batch_size * process_count))``, the same on every process."""
+        return math.ceil(self.num_eval_examples / (batch_size * self.process_count))
+
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        """One pass over this process's share of the eval split; padding has ``mask`` False."""
+        return self.eval_dataset(batch_size).as_numpy_iterator()
+
+    def eval_dataset(self, batch_size: int) -> tf.data.Dataset:
+        """The ``tf.data`` pipeline behind :meth:`eval_batches`."""
+        ds = self.builder.as_dataset(split=self._process_split(self.eval_split), shuffle_files=False,
+                                     decoders={"image": tfds.decode.SkipDecoding()},
+                                     read_config=tfds.ReadConfig(options=_deterministic_options()))
+        if self.config.cache:
+            ds = ds.cache()
+        ds = ds.map(lambda ex: {"inputs": self.eval_preprocess(ex["image"]),
+                                "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True)},
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        padding = tf.data.Dataset.from_tensors({
+            "inputs": tf.zeros(self.example_shape, tf.float32), "label": tf.constant(0, tf.int32),
+            "mask": tf.constant(False)}).repeat()
+        ds = ds.concatenate(padding).take(self.num_eval_batches(batch_size) * batch_size)
+        return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    def eval_preprocess(self, image_bytes: tf.Tensor) -> tf.Tensor:
+        """Encoded image -> float32 ``[S, S, 3]``: bicubic resize of the shorter side, centre crop."""
+        size = self.config.image_size
+        image = augment.decode_image_rgb(image_bytes)
+        image = augment.resize_shorter_side(image, int(math.floor(size / EVAL_CROP_FRACTION)))
+        image = augment.center_crop(image, size)
+        return augment.normalize(image, self.spec.mean, self.spec.std)
+
+
+def _deterministic_options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
+
+
+def _atomic_save(path: str, array: np.ndarray, suffix: str) -> None:
+    """Writes ``array`` as .npy to ``path`` via a temporary file and a rename."""
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    tmp = path + suffix
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+        np.save(f, array)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def prepare(name: str, data_dir: str | None, manual_dir: str | None = None) -> None:
+    """Downloads (where allowed) and prepares ``name`` in ``data_dir`` (``tfds build`` equivalent)."""
+    if name not in SPECS:
+        raise ValueError(f"Unknown image dataset {name!r}; choose one of {sorted(SPECS)}.")
+    builder = tfds.builder(name, data_dir=data_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Prepare an image dataset for softnce (tfds).")
+    parser.add_argument("--name", required=True, choices=sorted(SPECS))
+    parser.add_argument("--data_dir", default=None, help="tfds data directory (default ~/tensorflow_datasets)")
+    parser.add_argument("--manual_dir", default=None, help="manual downloads (default <data_dir>/downloads/manual)")
+    args = parser.parse_args(argv)
+    prepare(args.name, args.data_dir, args.manual_dir)
+
+
+if __name__ == "__main__":
+    main()
