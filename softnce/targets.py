@@ -211,16 +211,16 @@ def _box_mask(box, height: int, width: int) -> Array:
 
 def _draw_params(rng: Array, num_draws: int, height: int, width: int, config: MixConfig) -> MixParams:
     """``num_draws`` independent parameter sets (timm's ``_params_per_elem``)."""
-    k_apply, k_switch, k_mixup, k_cutmix, k_y, k_x = jax.random.split(rng, 6)
+    k_apply, k_switch, k_beta, k_y, k_x = jax.random.split(rng, 5)
     shape = (num_draws,)
     both = config.mixup_alpha > 0 and config.cutmix_alpha > 0
     if both:
         use_cutmix = jax.random.uniform(k_switch, shape) < config.switch_prob
     else:
         use_cutmix = jnp.full(shape, config.cutmix_alpha > 0)
-    ones = jnp.ones(shape, jnp.float32)
-    lam_mixup = jax.random.beta(k_mixup, config.mixup_alpha, config.mixup_alpha, shape) if config.mixup_alpha > 0 else ones
-    lam_cutmix = jax.random.beta(k_cutmix, config.cutmix_alpha, config.cutmix_alpha, shape) if config.cutmix_alpha > 0 else ones
+    # Both Beta draws in one call (one sampler to compile); an alpha of 0 means that kind is off.
+    alphas = jnp.array([config.mixup_alpha or 1.0, config.cutmix_alpha or 1.0], jnp.float32)[:, None]
+    lam_mixup, lam_cutmix = jax.random.beta(k_beta, alphas, alphas, (2,) + shape)
     apply = jax.random.uniform(k_apply, shape) < config.mix_prob
     return MixParams(
         lam=jnp.where(apply, jnp.where(use_cutmix, lam_cutmix, lam_mixup), 1.0).astype(jnp.float32),
