@@ -13,7 +13,7 @@ w.r.t. the logits) and reports the peak memory of:
   multiplied with the broadcast scores and summed over classes, then cross-entropy on the
   diagonal (run in a subprocess per size when ``torch`` is importable).
 
-Time: median of ``--repeats`` calls after one warm-up call, ``block_until_ready`` (JAX) /
+Time: median of ``--repeats`` calls (at least 3 for slow sizes, see ``--max-seconds``) after one warm-up call, ``block_until_ready`` (JAX) /
 synchronous CPU execution (torch). Memory: JAX columns are the compiled executable's
 ``memory_analysis()`` (arguments + outputs + temporaries - aliased); the torch column is the peak
 resident set size (``VmHWM``, reset after the imports) of a fresh subprocess during the run minus its RSS before the
@@ -92,8 +92,12 @@ def _jax_functions():
     }, jnp
 
 
-def bench_jax(fn, args, repeats: int) -> dict:
-    """Compiles ``fn``; returns median seconds per call and the executable's memory in bytes."""
+def bench_jax(fn, args, repeats: int, max_seconds: float) -> dict:
+    """Compiles ``fn``; returns median seconds per call and the executable's memory in bytes.
+
+    ``repeats`` timed calls follow one warm-up call; when they would take longer than
+    ``max_seconds`` (judged by the warm-up), fewer are made, but at least 3.
+    """
     import jax
 
     compiled = jax.jit(fn).lower(*args).compile()
@@ -104,7 +108,11 @@ def bench_jax(fn, args, repeats: int) -> dict:
         + stats.temp_size_in_bytes
         - stats.alias_size_in_bytes
     )
+    start = time.perf_counter()
     jax.block_until_ready(compiled(*args))  # warm-up
+    warm_up = time.perf_counter() - start
+    if warm_up * repeats > max_seconds:  # slow sizes: fewer calls, but at least 3 for a median
+        repeats = max(3, int(max_seconds / warm_up))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -258,6 +266,9 @@ def parse_args(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="N = M values")
     parser.add_argument("--classes", type=int, nargs="+", default=[100, 1000, 21843], help="C values")
     parser.add_argument("--repeats", type=int, default=5, help="timed JAX calls per size (median)")
+    parser.add_argument(
+        "--max-seconds", type=float, default=60.0, help="per JAX column and size: fewer repeats (>= 3) beyond this"
+    )
     parser.add_argument("--torch-repeats", type=int, default=3, help="timed torch calls per size")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     parser.add_argument(
@@ -306,7 +317,7 @@ def main(argv=None) -> None:
             else:
                 inputs = tuple(jnp.asarray(x) for x in make_inputs(n, c))
                 for name, fn in functions.items():
-                    result[name] = bench_jax(fn, inputs, args.repeats)
+                    result[name] = bench_jax(fn, inputs, args.repeats, args.max_seconds)
                 del inputs
             if torch_version is None:
                 result["torch"] = {"skip": "no torch"}
