@@ -13,13 +13,15 @@ w.r.t. the logits) and reports the peak memory of:
   multiplied with the broadcast scores and summed over classes, then cross-entropy on the
   diagonal (run in a subprocess per size when ``torch`` is importable).
 
-Time: median of ``--repeats`` calls (at least 3 for slow sizes, see ``--max-seconds``) after one warm-up call, ``block_until_ready`` (JAX) /
-synchronous CPU execution (torch). Memory: JAX columns are the compiled executable's
-``memory_analysis()`` (arguments + outputs + temporaries - aliased); the torch column is the peak
-resident set size (``VmHWM``, reset after the imports) of a fresh subprocess during the run minus its RSS before the
-inputs were created (so it also counts inputs, outputs and temporaries). Sizes whose ``[N, M, C]``
-float32 tensor exceeds ``--torch-budget-gb``, or whose estimated peak (two such tensors) exceeds
-the memory available, are reported as "does not fit" instead of run.
+Time: median of ``--repeats`` calls (at least 3 for slow sizes, see ``--max-seconds``) after one
+warm-up call, ``block_until_ready`` (JAX) / synchronous CPU execution (torch); the JAX columns'
+calls are interleaved so that they share the background load of a shared machine.
+Memory: JAX columns are the compiled executable's ``memory_analysis()`` (arguments + outputs +
+temporaries - aliased); the torch column is the peak resident set size (``VmHWM``, reset after the
+imports) of a fresh subprocess during the run minus its RSS before the inputs were created (so it
+also counts inputs, outputs and temporaries). Sizes whose ``[N, M, C]`` float32 tensor exceeds
+``--torch-budget-gb``, or whose estimated peak (two such tensors) exceeds the memory available,
+are reported as "does not fit" instead of run.
 
 Usage::
 
@@ -92,33 +94,43 @@ def _jax_functions():
     }, jnp
 
 
-def bench_jax(fn, args, repeats: int, max_seconds: float) -> dict:
-    """Compiles ``fn``; returns median seconds per call and the executable's memory in bytes.
+def _timed_call(compiled, args) -> float:
+    import jax
 
-    ``repeats`` timed calls follow one warm-up call; when they would take longer than
-    ``max_seconds`` (judged by the warm-up), fewer are made, but at least 3.
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return time.perf_counter() - start
+
+
+def bench_jax(functions: dict, args, repeats: int, max_seconds: float) -> dict:
+    """Compiles every function; returns, per name, median seconds per call and memory in bytes.
+
+    The timed calls are interleaved (one call of each function per round), so all columns see the
+    same background load on a shared machine. ``repeats`` rounds follow one warm-up round; when they
+    would take longer than ``max_seconds`` (judged by the warm-up), fewer are made, but at least 3.
     """
     import jax
 
-    compiled = jax.jit(fn).lower(*args).compile()
-    stats = compiled.memory_analysis()
-    memory = (
-        stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-        + stats.temp_size_in_bytes
-        - stats.alias_size_in_bytes
-    )
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))  # warm-up
-    warm_up = time.perf_counter() - start
-    if warm_up * repeats > max_seconds:  # slow sizes: fewer calls, but at least 3 for a median
+    compiled, results = {}, {}
+    for name, fn in functions.items():
+        compiled[name] = jax.jit(fn).lower(*args).compile()
+        stats = compiled[name].memory_analysis()
+        results[name] = {
+            "bytes": stats.argument_size_in_bytes
+            + stats.output_size_in_bytes
+            + stats.temp_size_in_bytes
+            - stats.alias_size_in_bytes
+        }
+    warm_up = sum(_timed_call(c, args) for c in compiled.values())
+    if warm_up * repeats > max_seconds:  # slow sizes: fewer rounds, but at least 3 for a median
         repeats = max(3, int(max_seconds / warm_up))
-    times = []
+    times = {name: [] for name in compiled}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "bytes": memory}
+        for name, c in compiled.items():
+            times[name].append(_timed_call(c, args))
+    for name in compiled:
+        results[name]["seconds"] = statistics.median(times[name])
+    return results
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,7 +279,7 @@ def parse_args(argv=None):
     parser.add_argument("--classes", type=int, nargs="+", default=[100, 1000, 21843], help="C values")
     parser.add_argument("--repeats", type=int, default=5, help="timed JAX calls per size (median)")
     parser.add_argument(
-        "--max-seconds", type=float, default=60.0, help="per JAX column and size: fewer repeats (>= 3) beyond this"
+        "--max-seconds", type=float, default=120.0, help="per size, all JAX columns: fewer repeats (>= 3) beyond this"
     )
     parser.add_argument("--torch-repeats", type=int, default=3, help="timed torch calls per size")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
@@ -316,8 +328,7 @@ def main(argv=None) -> None:
                 result.update(sti=skip, optax_ce=skip, floor=skip)
             else:
                 inputs = tuple(jnp.asarray(x) for x in make_inputs(n, c))
-                for name, fn in functions.items():
-                    result[name] = bench_jax(fn, inputs, args.repeats, args.max_seconds)
+                result.update(bench_jax(functions, inputs, args.repeats, args.max_seconds))
                 del inputs
             if torch_version is None:
                 result["torch"] = {"skip": "no torch"}
