@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from softnce.targets import StructuredTargets
+
 Array = jax.Array
 
 
@@ -278,6 +280,129 @@ def soft_distribution_infonce(
     )
 
 
+def _check_structured(fn: str, logits, targets: StructuredTargets) -> None:
+    _check_logits(fn, logits)
+    n = logits.shape[0]
+    ids, weights, uniform = targets
+    if ids.ndim != 2 or ids.shape[0] != n or weights.shape != ids.shape or uniform.shape != (n,):
+        raise ValueError(
+            f"{fn}: structured targets must have class_ids [N, k], weights [N, k] and uniform [N] with "
+            f"N = {n} (logits {tuple(logits.shape)}); got class_ids {tuple(ids.shape)}, weights "
+            f"{tuple(weights.shape)}, uniform {tuple(uniform.shape)}."
+        )
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{fn}: class_ids must be integer class indices, got dtype {ids.dtype}.")
+
+
+def structured_soft_target_infonce(
+    logits: Array,
+    targets: StructuredTargets,
+    *,
+    log_noise_probs: Optional[Array] = None,
+    temperature: float = 1.0,
+    axis_name: Optional[str] = None,
+) -> Array:
+    """Soft target InfoNCE on structured targets (sparse classes plus a uniform mass), per example.
+
+    Same value as :func:`soft_target_infonce` on ``a = softnce.targets.to_dense(targets, C)``, with
+    ``a_j = sum_k w[j, k] one_hot(c[j, k]) + u_j / C``, computed by gathers::
+
+        S[i, j] = sum_k w[j, k] s_i[c[j, k]] + u_j * mean_c s_i[c]
+
+    Cost ``O(N M k + N C)`` flops and ``O(N M)`` memory; across devices only ``class_ids``,
+    ``weights`` and ``uniform`` are all-gathered (``O(M k)`` communication instead of ``O(M C)``),
+    without gradient. The positive of local row ``i`` is global column ``i + N * axis_index``.
+
+    Args:
+      logits: ``[N, C]`` classifier outputs on this device.
+      targets: :class:`softnce.targets.StructuredTargets` with ``[N, k]`` class ids and weights and
+        ``[N]`` uniform mass (made by ``softnce.targets.mix_batch`` with ``structured=True``).
+      log_noise_probs, temperature, axis_name: as :func:`soft_target_infonce`.
+
+    Returns:
+      ``[N]`` float32 losses.
+    """
+    fn = "structured_soft_target_infonce"
+    _check_structured(fn, logits, targets)
+    _check_noise(fn, logits, log_noise_probs)
+    s = _scaled_scores(logits, log_noise_probs, temperature)
+    constant = lambda x: jax.lax.stop_gradient(x).astype(s.dtype)
+    class_ids, offset = _gather_over_devices(targets.class_ids, axis_name)
+    weights, _ = _gather_over_devices(constant(targets.weights), axis_name)
+    uniform, _ = _gather_over_devices(constant(targets.uniform), axis_name)
+    scores = jnp.mean(s, axis=1, keepdims=True) * uniform[None, :]
+    for k in range(class_ids.shape[1]):  # k is small and static (2 for MixUp/CutMix)
+        scores = scores + jnp.take(s, class_ids[:, k], axis=1) * weights[None, :, k]
+    return _contrastive_loss(scores, offset)
+
+
+BLOCKWISE_BLOCK_SIZE = 1024
+"""Candidate block size of the registered ``soft_target_infonce_blockwise`` loss."""
+
+
+def _streaming_logsumexp(s: Array, candidates: Array, block_size: int) -> Array:
+    """``logsumexp_j (s @ candidates^T)[:, j]`` ``[N]`` over blocks of candidates ``[M, C]``.
+
+    A scan over ``ceil(M / block)`` blocks keeps a running max and a running sum of
+    ``exp(score - max)``; padded columns score ``-inf``. The step is rematerialised in the
+    backward pass, so forward and backward hold ``O(N * block)`` scores, never ``[N, M]``.
+    """
+    n, (m, c) = s.shape[0], candidates.shape
+    block = min(block_size, m)
+    num_blocks = -(-m // block)
+    padded = jnp.pad(candidates, ((0, num_blocks * block - m), (0, 0))).reshape(num_blocks, block, c)
+    valid = (jnp.arange(num_blocks * block) < m).reshape(num_blocks, block)
+
+    @jax.checkpoint
+    def step(carry, xs):
+        running_max, running_sum = carry
+        block_candidates, block_valid = xs
+        scores = jnp.where(block_valid[None, :], s @ block_candidates.T, -jnp.inf)
+        # The max only stabilises exp; logsumexp does not depend on it, so no gradient through it.
+        new_max = jnp.maximum(running_max, jax.lax.stop_gradient(scores.max(axis=1)))
+        new_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(scores - new_max[:, None]).sum(axis=1)
+        return (new_max, new_sum), None
+
+    init = (jnp.full((n,), -jnp.inf, s.dtype), jnp.zeros((n,), s.dtype))
+    (final_max, final_sum), _ = jax.lax.scan(step, init, (padded, valid))
+    return final_max + jnp.log(final_sum)
+
+
+def blockwise_soft_target_infonce(
+    logits: Array,
+    targets: Array,
+    *,
+    log_noise_probs: Optional[Array] = None,
+    temperature: float = 1.0,
+    axis_name: Optional[str] = None,
+    block_size: int = BLOCKWISE_BLOCK_SIZE,
+) -> Array:
+    """:func:`soft_target_infonce` with memory bounded by ``O(N * block_size)``, per example.
+
+    ``L_i = logsumexp_j S[i, j] - S[i, i + N * device]`` with the logsumexp streamed over blocks of
+    ``block_size`` gathered targets (online max and sum, rematerialised in the backward pass) and
+    the positive ``S[i, i + N * device] = s_i . a_i`` taken from the row's own (local) target. Same
+    values and gradients as the dense form; ``M`` need not be a multiple of ``block_size``.
+
+    Args:
+      logits, targets, log_noise_probs, temperature, axis_name: as :func:`soft_target_infonce`.
+      block_size: candidates scored at once (``min(block_size, M)`` is used).
+
+    Returns:
+      ``[N]`` float32 losses.
+    """
+    fn = "blockwise_soft_target_infonce"
+    _check_targets(fn, logits, targets)
+    _check_noise(fn, logits, log_noise_probs)
+    if int(block_size) < 1:
+        raise ValueError(f"{fn}: block_size must be a positive integer, got {block_size}.")
+    s = _scaled_scores(logits, log_noise_probs, temperature)
+    own_targets = jax.lax.stop_gradient(targets).astype(s.dtype)
+    all_targets, _ = _gather_over_devices(own_targets, axis_name)
+    positive = jnp.sum(s * own_targets, axis=1)
+    return _streaming_logsumexp(s, all_targets, int(block_size)) - positive
+
+
 # --------------------------------------------------------------------------------------------------
 # Registry: config name -> loss.
 # --------------------------------------------------------------------------------------------------
@@ -365,12 +490,27 @@ def _infonce(logits, inputs: LossInputs):
 
 @register_loss("soft_target_infonce", uses_noise_prior=True)
 def _sti(logits, inputs: LossInputs):
-    return soft_target_infonce(
+    # Structured targets (from MixUp/CutMix) give the same values with O(M k) communication.
+    kwargs = dict(
+        log_noise_probs=inputs.log_noise_probs,
+        temperature=inputs.temperature,
+        axis_name=inputs.axis_name,
+    )
+    if inputs.structured_targets is not None:
+        return structured_soft_target_infonce(logits, inputs.structured_targets, **kwargs)
+    return soft_target_infonce(logits, inputs.targets, **kwargs)
+
+
+@register_loss("soft_target_infonce_blockwise", uses_noise_prior=True)
+def _sti_blockwise(logits, inputs: LossInputs):
+    # Dense STI with O(N * BLOCKWISE_BLOCK_SIZE) memory (set the module constant to change the block).
+    return blockwise_soft_target_infonce(
         logits,
         inputs.targets,
         log_noise_probs=inputs.log_noise_probs,
         temperature=inputs.temperature,
         axis_name=inputs.axis_name,
+        block_size=BLOCKWISE_BLOCK_SIZE,
     )
 
 
