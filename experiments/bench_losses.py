@@ -207,10 +207,12 @@ def bench_torch(n: int, c: int, args) -> dict:
     """The torch column for one size: a result, or a reason it was not run."""
     tensor_bytes = 4 * n * n * c
     if tensor_bytes > args.torch_budget_gb * 2**30:
-        return {"skip": f"does not fit ({tensor_bytes / 2**30:.1f} GB tensor > {args.torch_budget_gb:g} GB budget)"}
+        size, budget = tensor_bytes / 2**30, args.torch_budget_gb
+        return {"skip": f"does not fit ({size:.1f} GB tensor > {budget:g} GB budget)"}
     available = _mem_available_bytes()
     if 2 * tensor_bytes > 0.9 * available:
-        return {"skip": f"does not fit (~{2 * tensor_bytes / 2**30:.1f} GB needed, {available / 2**30:.1f} GB free)"}
+        needed, free = 2 * tensor_bytes / 2**30, available / 2**30
+        return {"skip": f"does not fit (~{needed:.1f} GB needed, {free:.1f} GB free)"}
     command = [sys.executable, os.path.abspath(__file__), "--torch-worker", str(n), str(c)]
     command += ["--torch-repeats", str(args.torch_repeats), "--torch-threads", str(args.torch_threads)]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -274,17 +276,25 @@ def machine_description() -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="N = M values")
     parser.add_argument("--classes", type=int, nargs="+", default=[100, 1000, 21843], help="C values")
     parser.add_argument("--repeats", type=int, default=5, help="timed JAX calls per size (median)")
     parser.add_argument(
-        "--max-seconds", type=float, default=120.0, help="per size, all JAX columns: fewer repeats (>= 3) beyond this"
+        "--max-seconds",
+        type=float,
+        default=120.0,
+        help="per size, all JAX columns together: fewer repeats (but >= 3) beyond this",
     )
     parser.add_argument("--torch-repeats", type=int, default=3, help="timed torch calls per size")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     parser.add_argument(
-        "--torch-budget-gb", type=float, default=8.0, help="skip (c) when the [N, M, C] float32 tensor is larger"
+        "--torch-budget-gb",
+        type=float,
+        default=8.0,
+        help="skip (c) when the [N, M, C] float32 tensor is larger than this",
     )
     parser.add_argument("--no-torch", action="store_true", help="skip column (c)")
     parser.add_argument(

@@ -272,7 +272,9 @@ def _distributed_loss(name, log_eta, axis_name):
         return lambda z, a, y: soft_target_infonce(
             z, a, log_noise_probs=log_eta, temperature=TEMPERATURE, axis_name=axis_name
         )
-    return lambda z, a, y: infonce(z, y, log_noise_probs=log_eta, temperature=TEMPERATURE, axis_name=axis_name)
+    return lambda z, a, y: infonce(
+        z, y, log_noise_probs=log_eta, temperature=TEMPERATURE, axis_name=axis_name
+    )
 
 
 @pytest.mark.parametrize("name", ["sti", "infonce"])
@@ -363,7 +365,11 @@ def test_sampled_labels_follow_target_distribution():
 def test_every_registered_loss_returns_per_example_losses(batch):
     logits, targets, log_eta, labels = batch
     inputs = LossInputs(
-        targets=targets, labels=labels, rng=jax.random.key(3), log_noise_probs=log_eta, temperature=TEMPERATURE
+        targets=targets,
+        labels=labels,
+        rng=jax.random.key(3),
+        log_noise_probs=log_eta,
+        temperature=TEMPERATURE,
     )
     assert {"nll", "soft_target_cross_entropy", "infonce", "soft_target_infonce"} <= set(LOSSES)
     for name in sorted(LOSSES):
@@ -372,7 +378,9 @@ def test_every_registered_loss_returns_per_example_losses(batch):
         assert np.isfinite(out).all(), name
     # The registered entries compute the library functions with the inputs' options.
     np.testing.assert_allclose(
-        get_loss("soft_target_infonce").fn(logits, inputs), np_sti(logits, targets, log_eta, TEMPERATURE)[0], **TOL
+        get_loss("soft_target_infonce").fn(logits, inputs),
+        np_sti(logits, targets, log_eta, TEMPERATURE)[0],
+        **TOL,
     )
     np.testing.assert_allclose(
         get_loss("nll").fn(logits, inputs), np_soft_ce(logits, one_hot(labels, C), TEMPERATURE)[0], **TOL
@@ -399,7 +407,8 @@ def test_user_defined_loss_registers_and_runs(batch):
         spec = get_loss(name)
         assert spec.fn is squared_error and not spec.uses_noise_prior
         out = spec.fn(logits, LossInputs(targets=targets, labels=labels, rng=jax.random.key(0)))
-        np.testing.assert_allclose(out, ((_np_softmax(logits.astype(np.float64)) - targets) ** 2).sum(1), **TOL)
+        expected = ((_np_softmax(logits.astype(np.float64)) - targets) ** 2).sum(axis=1)
+        np.testing.assert_allclose(out, expected, **TOL)
         with pytest.raises(ValueError, match="already registered"):
             register_loss(name)(squared_error)
     finally:
