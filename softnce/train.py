@@ -93,7 +93,7 @@ def train_step(
     loss, grads = jax.value_and_grad(mean_loss)(state.params)
     if axis_name is not None:
         loss, grads = jax.lax.pmean((loss, grads), axis_name)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.apply_gradients(grads=grads), metrics
 
 
@@ -234,7 +234,8 @@ def _check_finite(history: list[tuple[int, dict]], last_saved: Optional[int], ck
     """Fetches pending step metrics; raises ``FloatingPointError`` at the first non-finite one."""
     fetched = [(step, jax.device_get(m)) for step, m in history]
     for step, metrics in fetched:
-        for name, value in metrics.items():
+        for name in sorted(metrics, key=lambda k: k != "loss"):  # report the loss first
+            value = metrics[name]
             if not np.all(np.isfinite(value)):
                 kept = f"the last good checkpoint (step {last_saved}) is kept in {ckpt_dir}" if last_saved else "no checkpoint was written yet"
                 raise FloatingPointError(
@@ -249,8 +250,11 @@ def _write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: Optional[int] = None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns final eval metrics.
+
+    ``stop_at_step`` ends this invocation early at that step, saving a checkpoint as a preemption
+    would (the schedule still follows ``config.num_train_steps``); running again resumes.
 
     Writes ``config.json``, TensorBoard scalars, ``checkpoints/``, ``metrics.json`` and
     ``reliability.png`` to ``workdir`` (process 0). Raises ``FloatingPointError`` on a non-finite
@@ -306,9 +310,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             history.append((step, metrics))
             is_last = step == total
             preempted = preemption.requested if jax.process_count() == 1 else manager.reached_preemption(step)
+            preempted = preempted or step == stop_at_step
             save_now = is_last or preempted or step % config.checkpoint_every_steps == 0
             if save_now or step % config.log_every_steps == 0:
-                fetched = _check_finite(history, last_saved, ckpt_dir)
+                try:
+                    fetched = _check_finite(history, last_saved, ckpt_dir)
+                except FloatingPointError:
+                    manager.wait_until_finished()  # let the last good save finish before stopping
+                    writer.flush()
+                    raise
                 history = []
                 mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
                 mean["learning_rate"] = float(schedule(step - 1))
@@ -320,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 last_saved = step
             if preempted and not is_last:
                 manager.wait_until_finished()
-                print(f"preempted: saved step {step} to {ckpt_dir}; rerun the same command to resume.", flush=True)
+                print(f"stopped at step {step} (preempted or stop_at_step); saved to {ckpt_dir}; rerun the same command to resume.", flush=True)
                 writer.flush()
                 return {"preempted_at_step": step}
             if is_last or step % config.eval_every_steps == 0:

@@ -1,0 +1,190 @@
+"""The trainer end to end: the real entry point, 1 vs 8 devices, resume, SIGTERM, errors, new losses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from softnce import losses, train
+from softnce.data import DATASETS
+from softnce.data.arrays import ArrayDataset
+from softnce.data.digits import load_digits_split
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import digits as digits_config  # noqa: E402
+
+
+def small_config(**overrides):
+    config = digits_config.get_config("loss=soft_target_infonce,steps=12,augment=on")
+    config.log_every_steps = 4
+    config.eval_every_steps = 12
+    config.checkpoint_every_steps = 4
+    config.data.batch_size = 64
+    config.model.hidden_sizes = (32,)
+    config.optim.warmup_steps = 2
+    config.optim.base_lr = 2e-2
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
+def latest_params(workdir):
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    step = manager.latest_step()
+    return step, manager.restore(step, args=ocp.args.StandardRestore())["params"]
+
+
+def run_cli(args, devices, workdir, **popen):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    cmd = [sys.executable, "-m", "softnce.main", *args, f"--num_cpu_devices={devices}", f"--workdir={workdir}"]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_entry_point_same_result_on_1_and_8_devices(tmp_path):
+    # Deterministic targets (label smoothing, no mixing) so 1 and 8 devices see the same global batch.
+    args = [
+        "--config=configs/digits.py:loss=soft_target_infonce,steps=6,augment=off",
+        "--config.augment.label_smoothing=0.1",
+        "--config.data.batch_size=64",
+        "--config.log_every_steps=3",
+        "--config.checkpoint_every_steps=3",
+        "--config.eval_every_steps=6",
+    ]
+    procs = {n: run_cli(args, n, str(tmp_path / f"dev{n}")) for n in (1, 8)}
+    outputs = {n: p.communicate(timeout=240)[0] for n, p in procs.items()}
+    for n, p in procs.items():
+        assert p.returncode == 0, outputs[n]
+        assert "step 6/6" in outputs[n] and "steps/s" in outputs[n] and "ETA" in outputs[n]
+    m1, m8 = (json.load(open(tmp_path / f"dev{n}" / "metrics.json")) for n in (1, 8))
+    assert m1["top1"] == pytest.approx(m8["top1"], abs=1 / 540 + 1e-9)
+    assert m1["nll"] == pytest.approx(m8["nll"], rel=1e-4)
+    (s1, p1), (s8, p8) = latest_params(str(tmp_path / "dev1")), latest_params(str(tmp_path / "dev8"))
+    assert s1 == s8 == 6
+    # Float summation order differs between 1 and 8 devices; Adam's g / sqrt(v) magnifies that on
+    # weights whose gradients are ~0 (always-blank pixels), so compare to a fraction of one step (lr 1e-3).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=3e-4), p1, p8)
+    frac_equal = np.mean([np.mean(np.isclose(a, b, rtol=1e-4, atol=1e-6)) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8))])
+    assert frac_equal > 0.99
+    for name in ("config.json", "reliability.png"):
+        assert (tmp_path / "dev8" / name).exists()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "dev8"))
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    config = small_config()  # MixUp/CutMix on: the per-step randomness must also resume exactly
+    straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+    stopped = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=6)
+    assert stopped == {"preempted_at_step": 6}
+    assert latest_params(str(tmp_path / "resumed"))[0] == 6
+    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    (sa, pa), (sb, pb) = latest_params(str(tmp_path / "straight")), latest_params(str(tmp_path / "resumed"))
+    assert sa == sb == 12
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-7), pa, pb)
+    assert resumed["top1"] == straight["top1"]
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+    args = ["--config=configs/digits.py:loss=infonce,steps=3000", "--config.log_every_steps=5",
+            "--config.checkpoint_every_steps=1000000", "--config.eval_every_steps=1000000"]
+    proc = run_cli(args, 2, workdir)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = "".join(seen) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert "stopped at step" in out
+    stopped_step = latest_params(workdir)[0]
+    assert 5 <= stopped_step < 3000
+    # No partial (temporary) checkpoint is left behind as a step.
+    assert all(".orbax-checkpoint-tmp" not in d for d in os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def test_interrupted_save_never_becomes_latest(tmp_path):
+    config = small_config()
+    train.train_and_evaluate(config, str(tmp_path), stop_at_step=4)
+    # What orbax leaves behind when a save dies half-way: a temporary directory, never renamed.
+    os.makedirs(tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp" / "default")
+    assert latest_params(str(tmp_path))[0] == 4
+
+
+class _NaNAfter(ArrayDataset):
+    """Digits whose training inputs turn NaN from step ``bad_step`` on."""
+
+    bad_step = 7
+
+    def train_batches(self, batch_size, *, seed, start_step=0):
+        for step, batch in enumerate(super().train_batches(batch_size, seed=seed, start_step=start_step), start_step + 1):
+            if step >= self.bad_step:
+                batch = dict(batch, inputs=np.full_like(batch["inputs"], np.nan))
+            yield batch
+
+
+def make_nan_dataset(config, *, process_index, process_count):
+    x, y, xt, yt = load_digits_split()
+    return _NaNAfter(x, y, xt, yt, num_classes=10, process_index=process_index, process_count=process_count)
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setitem(DATASETS, "nan_digits", f"{__name__}:make_nan_dataset")
+    config = small_config(**{"data.name": "nan_digits", "augment.mixup_alpha": 0.0, "augment.cutmix_alpha": 0.0})
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step 7; .*last good checkpoint \(step 4\)"):
+        train.train_and_evaluate(config, str(tmp_path))
+    step, params = latest_params(str(tmp_path))
+    assert step == 4
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("loss.name", "softmax", r"unknown loss 'softmax'; valid losses: .*soft_target_infonce"),
+        ("data.name", "mnist", r"unknown dataset 'mnist'; valid datasets: .*digits"),
+        ("model.name", "resnet", r"unknown model 'resnet'; valid models: .*mlp"),
+        ("loss.noise_prior", "zipf", r"noise_prior must be 'class_prior' or 'uniform'"),
+        ("data.batch_size", 60, r"batch_size=60 does not divide over the 8 devices"),
+        ("augment.mode", "row", r"mode must be one of"),
+    ],
+)
+def test_bad_config_is_a_clear_error_before_work(tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(small_config(**{key: value}), str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_unknown_variant_key_lists_valid_keys():
+    with pytest.raises(ValueError, match=r"unknown config argument 'los'; valid keys: loss, seed"):
+        digits_config.get_config("los=nll")
+
+
+def test_a_new_loss_trains_without_touching_the_trainer(tmp_path):
+    calls = []
+
+    @losses.register_loss("test_brier")
+    def brier(logits, inputs):
+        calls.append(logits.shape)  # traced once per compilation
+        return jnp.sum((jax.nn.softmax(logits / inputs.temperature) - inputs.targets) ** 2, axis=-1)
+
+    try:
+        result = train.train_and_evaluate(small_config(**{"loss.name": "test_brier"}), str(tmp_path))
+    finally:
+        del losses.LOSSES["test_brier"]
+    assert calls and calls[0] == (8, 10)  # per device: 64 examples over 8 devices
+    assert np.isfinite(result["nll"]) and result["top1"] > 0.3
