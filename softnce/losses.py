@@ -347,7 +347,7 @@ def _streaming_logsumexp(s: Array, candidates: Array, block_size: int) -> Array:
     ``exp(score - max)``; padded columns score ``-inf``. The step is rematerialised in the
     backward pass, so forward and backward hold ``O(N * block)`` scores, never ``[N, M]``.
     """
-    n, (m, c) = s.shape[0], candidates.shape
+    m, c = candidates.shape
     block = min(block_size, m)
     num_blocks = -(-m // block)
     padded = jnp.pad(candidates, ((0, num_blocks * block - m), (0, 0))).reshape(num_blocks, block, c)
@@ -363,7 +363,8 @@ def _streaming_logsumexp(s: Array, candidates: Array, block_size: int) -> Array:
         new_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(scores - new_max[:, None]).sum(axis=1)
         return (new_max, new_sum), None
 
-    init = (jnp.full((n,), -jnp.inf, s.dtype), jnp.zeros((n,), s.dtype))
+    # *_like keeps the device-varying type of s inside shard_map (scan needs matching carry types).
+    init = (jnp.full_like(s[:, 0], -jnp.inf), jnp.zeros_like(s[:, 0]))
     (final_max, final_sum), _ = jax.lax.scan(step, init, (padded, valid))
     return final_max + jnp.log(final_sum)
 
