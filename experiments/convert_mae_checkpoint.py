@@ -26,7 +26,9 @@ from softnce.models import mae_checkpoint
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help="MAE PyTorch checkpoint, e.g. mae_pretrain_vit_base.pth")
+    parser.add_argument(
+        "--input", required=True, help="MAE PyTorch checkpoint, e.g. mae_pretrain_vit_base.pth"
+    )
     parser.add_argument("--output", required=True, help="new directory for the orbax checkpoint")
     return parser.parse_args(argv)
 

@@ -254,8 +254,8 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(tiny):
     assert jax.tree.map(lambda a: a.dtype, param_shapes(model16)) == jax.tree.map(lambda a: a.dtype, params)
     head = jax.random.normal(jax.random.key(5), params["head"]["kernel"].shape)
     params = {**params, "head": {**params["head"], "kernel": head}}  # O(1) logits instead of ~1e-4
-    logits16 = jax.jit(lambda p: model16.apply({"params": p}, images, train=False))(params)
-    logits32 = jax.jit(lambda p: tiny_model().apply({"params": p}, images, train=False))(params)
+    both = lambda p: [m.apply({"params": p}, images, train=False) for m in (model16, tiny_model())]  # noqa: E731
+    logits16, logits32 = jax.jit(both)(params)
     assert logits16.dtype == jnp.float32
     np.testing.assert_allclose(logits16, logits32, atol=0.05 * float(jnp.abs(logits32).max()))
 
@@ -284,13 +284,17 @@ def test_drop_path_is_deterministic_at_eval_and_random_per_sample_in_training(ti
     model = tiny_model(drop_path_rate=0.9)
     image = jax.random.normal(jax.random.key(0), (1, IMAGE, IMAGE, 3))
     images = jnp.repeat(image, 16, axis=0)
-    apply = jax.jit(lambda x, rng, train: model.apply({"params": params}, x, train=train, rngs={"dropout": rng}),
-                    static_argnums=2)
-    eval_a, eval_b = apply(images, jax.random.key(1), False), apply(images, jax.random.key(2), False)
+
+    @jax.jit
+    def outputs(x):
+        apply = lambda seed, train: model.apply(  # noqa: E731
+            {"params": params}, x, train=train, rngs={"dropout": jax.random.key(seed)})
+        no_drop_path = tiny_model().apply({"params": params}, x, train=False)
+        return apply(1, False), apply(2, False), no_drop_path, apply(1, True), apply(2, True)
+
+    eval_a, eval_b, no_drop_path, train_a, train_b = outputs(images)
     np.testing.assert_array_equal(eval_a, eval_b)
-    no_drop_path = jax.jit(lambda x: tiny_model().apply({"params": params}, x, train=False))(images)
     np.testing.assert_allclose(eval_a, no_drop_path, rtol=1e-5)
-    train_a, train_b = apply(images, jax.random.key(1), True), apply(images, jax.random.key(2), True)
     assert not np.allclose(train_a, train_b)  # different rngs
     assert not np.allclose(train_a, train_a[:1])  # identical images, different per-sample masks
     assert not np.allclose(train_a, eval_a)
@@ -300,19 +304,24 @@ def test_drop_path_drops_whole_branches_per_sample():
     """Each sample's block output is one of 4 cases: attention and MLP branch each kept (x 1/(1-r)) or dropped."""
     rate = 0.5
     block = vit.EncoderBlock(num_heads=HEADS, mlp_dim=MLP, drop_path_rate=rate)
-    x = jax.random.normal(jax.random.key(0), (1, 5, WIDTH))
-    params = block.init(jax.random.key(1), x, train=False)["params"]
-    out = np.asarray(block.apply({"params": params}, jnp.repeat(x, 32, axis=0), train=True,
-                                 rngs={"dropout": jax.random.key(2)}))
-    # The four candidates, built from the block's parts with its parameters.
-    norm = lambda name, h: nn.LayerNorm(epsilon=1e-6).apply({"params": params[name]}, h)  # noqa: E731
-    attn = vit.SelfAttention(HEADS).apply({"params": params["attn"]}, norm("norm1", x))
-    candidates = {}
-    for keep_attn in (0, 1):
-        y = x + keep_attn * attn / (1 - rate)
-        mlp = vit.Mlp(MLP).apply({"params": params["mlp"]}, norm("norm2", y))
-        for keep_mlp in (0, 1):
-            candidates[keep_attn, keep_mlp] = np.asarray(y + keep_mlp * mlp / (1 - rate))[0]
+
+    @jax.jit
+    def outputs_and_candidates(x):
+        params = block.init(jax.random.key(1), x, train=False)["params"]
+        out = block.apply({"params": params}, jnp.repeat(x, 32, axis=0), train=True,
+                          rngs={"dropout": jax.random.key(2)})
+        # The four candidates, built from the block's parts with its parameters.
+        norm = lambda name, h: nn.LayerNorm(epsilon=1e-6).apply({"params": params[name]}, h)  # noqa: E731
+        attn = vit.SelfAttention(HEADS).apply({"params": params["attn"]}, norm("norm1", x))
+        candidates = {}
+        for keep_attn in (0, 1):
+            y = x + keep_attn * attn / (1 - rate)
+            mlp = vit.Mlp(MLP).apply({"params": params["mlp"]}, norm("norm2", y))
+            for keep_mlp in (0, 1):
+                candidates[keep_attn, keep_mlp] = (y + keep_mlp * mlp / (1 - rate))[0]
+        return out, candidates
+
+    out, candidates = jax.device_get(outputs_and_candidates(jax.random.normal(jax.random.key(0), (1, 5, WIDTH))))
     cases = []
     for row in out:
         matches = [case for case, want in candidates.items() if np.allclose(row, want, atol=1e-5)]
@@ -349,7 +358,8 @@ def test_interpolation_reproduces_constants_and_interior_linear_ramps():
 
 def test_merge_resizes_the_position_embedding(tiny):
     sd = mae_state_dict()
-    small = init_params(tiny_model(), image=16)  # 4 x 4 token grid
+    _, params = tiny
+    small = {**params, "pos_embedding": jnp.zeros((1, 17, WIDTH))}  # the tiny model's tree at 16 px (4 x 4 tokens)
     merged = mc.merge_pretrained(small, mc.convert_mae_state_dict(sd))
     np.testing.assert_allclose(merged["pos_embedding"], mc.interpolate_pos_embedding(sd["pos_embed"], (4, 4)))
     assert merged["pos_embedding"].shape == (1, 17, WIDTH)

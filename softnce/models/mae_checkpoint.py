@@ -104,7 +104,9 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         )
     not_tensors = sorted(name for name, value in state_dict.items() if not isinstance(value, torch.Tensor))
     if not_tensors:
-        raise ValueError(f"load_torch_state_dict: entries of {os.fspath(path)!r} are not tensors: {not_tensors}.")
+        raise ValueError(
+            f"load_torch_state_dict: entries of {os.fspath(path)!r} are not tensors: {not_tensors}."
+        )
     return {name: value.detach().to(torch.float32).numpy() for name, value in state_dict.items()}
 
 
@@ -147,7 +149,8 @@ def _check_stem_shapes(state_dict: Mapping[str, Any]) -> None:
     for name, (got, want) in checks.items():
         if got != want:
             raise ValueError(
-                f"convert_mae_state_dict: {name} has shape {tuple(state_dict[name].shape)}, inconsistent with "
+                f"convert_mae_state_dict: {name} has shape {tuple(state_dict[name].shape)}, "
+                "inconsistent with "
                 f"cls_token {tuple(state_dict['cls_token'].shape)} (width {width}, 3 input channels)."
             )
 
@@ -179,7 +182,8 @@ def convert_mae_state_dict(state_dict: Mapping[str, Any]) -> Params:
         raise ValueError(
             "convert_mae_state_dict: the state dict is not a MAE ViT encoder checkpoint "
             f"(inferred depth {depth}).\n  unexpected keys: {unexpected}\n  missing keys: {missing}\n"
-            "Expected the keys of MAE's mae_pretrain_vit_*.pth (encoder; 'norm.*' and decoder keys are dropped)."
+            "Expected the keys of MAE's mae_pretrain_vit_*.pth "
+            "(encoder; 'norm.*' and decoder keys are dropped)."
         )
     _check_stem_shapes(state_dict)
     flat = {path: convert(state_dict[name]) for name, (path, convert) in table.items()}
@@ -208,7 +212,9 @@ def interpolate_pos_embedding(pos_embedding: jax.Array, grid: tuple[int, int]) -
     2.13); a model at a new resolution is fine-tuned anyway.
     """
     if pos_embedding.ndim != 3 or pos_embedding.shape[0] != 1:
-        raise ValueError(f"interpolate_pos_embedding: expected [1, 1 + n*n, D], got shape {tuple(pos_embedding.shape)}.")
+        raise ValueError(
+            f"interpolate_pos_embedding: expected [1, 1 + n*n, D], got shape {tuple(pos_embedding.shape)}."
+        )
     _, tokens, width = pos_embedding.shape
     size = _square_grid(tokens, "interpolate_pos_embedding: the input")[0]
     if (size, size) == tuple(grid):
@@ -248,7 +254,9 @@ def merge_pretrained(init_params: Params, pretrained: Params) -> Params:
       ValueError: listing unexpected, missing and wrongly shaped parameters.
     """
     if "params" in init_params and len(init_params) == 1:
-        raise ValueError("merge_pretrained: pass the 'params' collection (variables['params']), not all variables.")
+        raise ValueError(
+            "merge_pretrained: pass the 'params' collection (variables['params']), not all variables."
+        )
     init_flat = traverse_util.flatten_dict(init_params)
     pretrained_flat = dict(traverse_util.flatten_dict(pretrained))
     key = ("pos_embedding",)
@@ -267,7 +275,8 @@ def merge_pretrained(init_params: Params, pretrained: Params) -> Params:
     )
     if unexpected or missing or mismatched:
         raise ValueError(
-            "merge_pretrained: the pretrained weights do not fit the model (check depth, width, patch size).\n"
+            "merge_pretrained: the pretrained weights do not fit the model "
+            "(check depth, width, patch size).\n"
             f"  unexpected parameters: {unexpected}\n  missing parameters: {missing}\n"
             f"  shape mismatches: {mismatched}"
         )

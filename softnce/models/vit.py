@@ -22,8 +22,9 @@ Parameter tree (``params`` collection)::
     fc_norm/{scale, bias}   head/{kernel [D, C], bias [C]}
 
 The position-embedding length is fixed at ``init`` by the image size given there; applying the
-model to another resolution needs a resized ``pos_embedding``
-(:func:`softnce.models.mae_checkpoint.interpolate_pos_embedding`).
+model to another resolution raises flax's ``ScopeParamShapeError`` for ``pos_embedding``: initialise
+at the new size and resize pretrained weights into it
+(:func:`softnce.models.mae_checkpoint.merge_pretrained`, ``interpolate_pos_embedding``).
 
 Initialisation (used when training from scratch; fine-tuning overwrites all but ``fc_norm`` and
 ``head``): dense kernels truncated normal std 0.02 (timm), patch embedding Xavier-uniform on the
@@ -105,8 +106,11 @@ class EncoderBlock(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         # Dropout broadcast over (tokens, features) = one keep/drop decision per sample, scaled by
         # 1 / (1 - rate): exactly timm's DropPath.
-        drop_path = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2), deterministic=not train)
-        branch = SelfAttention(self.num_heads, dtype=self.dtype, name="attn")(_layer_norm("norm1", self.dtype)(x))
+        drop_path = nn.Dropout(
+            self.drop_path_rate, broadcast_dims=(1, 2), deterministic=not train, name="drop_path"
+        )
+        attention = SelfAttention(self.num_heads, dtype=self.dtype, name="attn")
+        branch = attention(_layer_norm("norm1", self.dtype)(x))
         x = x + drop_path(branch)
         branch = Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(_layer_norm("norm2", self.dtype)(x))
         return x + drop_path(branch)
@@ -143,11 +147,15 @@ class VisionTransformer(nn.Module):
                 f"num_heads={self.num_heads}."
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"VisionTransformer: drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+            raise ValueError(
+                f"VisionTransformer: drop_path_rate must be in [0, 1), got {self.drop_path_rate}."
+            )
 
     def _check_images(self, images: jax.Array) -> None:
         if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"VisionTransformer: images must be [B, H, W, 3], got shape {tuple(images.shape)}.")
+            raise ValueError(
+                f"VisionTransformer: images must be [B, H, W, 3], got shape {tuple(images.shape)}."
+            )
         height, width = images.shape[1:3]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(
@@ -194,7 +202,11 @@ class VisionTransformer(nn.Module):
         pooled = x[:, 1:].mean(axis=1)  # global average over the patch tokens, cls excluded
         pooled = _layer_norm("fc_norm", self.dtype)(pooled)
         head = nn.Dense(
-            self.num_classes, dtype=jnp.float32, kernel_init=_head_init, bias_init=nn.initializers.zeros, name="head"
+            self.num_classes,
+            dtype=jnp.float32,
+            kernel_init=_head_init,
+            bias_init=nn.initializers.zeros,
+            name="head",
         )
         return head(pooled.astype(jnp.float32))
 
@@ -233,12 +245,12 @@ def layer_ids(params: Any, depth: int) -> Any:
 
 
 def vit_b16(num_classes: int, **kwargs) -> VisionTransformer:
-    """ViT-B/16 (86M parameters): D=768, 12 blocks, 12 heads, MLP 3072, patch 16 (MAE's ``vit_base_patch16``)."""
+    """ViT-B/16 (86.6M params): D=768, 12 blocks, 12 heads, MLP 3072, patch 16 (MAE's vit_base_patch16)."""
     config = dict(patch_size=16, hidden_size=768, depth=12, num_heads=12, mlp_dim=3072)
     return VisionTransformer(num_classes=num_classes, **{**config, **kwargs})
 
 
 def vit_tiny(num_classes: int, **kwargs) -> VisionTransformer:
-    """A tiny ViT for tests and CPU smoke runs: patch 4 (8x8 tokens at 32px), D=32, 2 blocks, 2 heads, MLP 64."""
+    """A tiny ViT for tests and CPU smoke runs: patch 4 (8x8 tokens at 32 px), D=32, 2 blocks, 2 heads."""
     config = dict(patch_size=4, hidden_size=32, depth=2, num_heads=2, mlp_dim=64)
     return VisionTransformer(num_classes=num_classes, **{**config, **kwargs})
