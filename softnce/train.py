@@ -256,8 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     ``stop_at_step`` ends this invocation early at that step, saving a checkpoint as a preemption
     would (the schedule still follows ``config.num_train_steps``); running again resumes.
 
-    Writes ``config.json``, TensorBoard scalars, ``checkpoints/``, ``metrics.json`` and
-    ``reliability.png`` to ``workdir`` (process 0). Raises ``FloatingPointError`` on a non-finite
+    Writes ``config.json``, TensorBoard scalars, ``checkpoints/``, ``metrics.json``,
+    ``eval_sums.json`` (the calibration-bin sums) and ``reliability.png`` to ``workdir`` (process 0). Raises ``FloatingPointError`` on a non-finite
     loss, keeping the last good checkpoint.
     """
     from clu import metric_writers
@@ -344,6 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     if is_chief:
         summary = dict(summary, step=int(state.step))
         _write_json(os.path.join(workdir, "metrics.json"), summary)
+        _write_json(os.path.join(workdir, "eval_sums.json"), {k: np.asarray(v).tolist() for k, v in sums.items()})
         evaluation.plot_reliability_diagram(
             {config.loss.name: sums}, os.path.join(workdir, "reliability.png"), title=config.data.name
         )
