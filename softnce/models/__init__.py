@@ -6,6 +6,7 @@ Every model maps ``inputs [B, ...] -> logits [B, num_classes]`` and takes ``trai
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 import ml_collections
 
 
@@ -28,9 +29,14 @@ MODELS = {"mlp": _mlp, "vit_b16": _vit("vit_b16"), "vit_tiny": _vit("vit_tiny")}
 
 
 def get_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    """Builds ``config.name`` with the remaining fields of ``config`` as keyword arguments."""
+    """Builds ``config.name`` with the remaining fields of ``config`` as keyword arguments.
+
+    A ``dtype`` given as a string (``'bfloat16'``) is turned into a dtype.
+    """
     kwargs = dict(config)
     name = kwargs.pop("name")
+    if isinstance(kwargs.get("dtype"), str):
+        kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}.")
     return MODELS[name](num_classes, **kwargs)
