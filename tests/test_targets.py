@@ -18,6 +18,7 @@ def _images(n=6, h=7, w=5, c=2, seed=0):
 
 
 _jit_mix = jax.jit(T.mix_batch, static_argnames=("num_classes", "config"))
+_jit_apply = jax.jit(T.apply_mix, static_argnames=("num_classes", "config"))
 
 
 def _mix(rng_seed, x, y, num_classes, **cfg):
@@ -52,7 +53,7 @@ def test_label_smoothing_values_and_no_mixing():
 def test_batch_mode_mixup_pairs_i_with_reversed_partner():
     x, y = _images(), jnp.array([0, 2, 1, 3, 3, 0])
     cfg = T.MixConfig(label_smoothing=0.1, mixup_alpha=1.0)
-    mixed, t = T.apply_mix(x, y, _params(0.7, n=6), num_classes=4, config=cfg)
+    mixed, t = _jit_apply(x, y, _params(0.7, n=6), num_classes=4, config=cfg)
     xn, smooth = np.asarray(x, np.float64), _smooth_np(np.asarray(y), 4, 0.1)
     np.testing.assert_allclose(mixed, 0.7 * xn + 0.3 * xn[::-1], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(t.dense, 0.7 * smooth + 0.3 * smooth[::-1], rtol=1e-5)
@@ -63,7 +64,7 @@ def test_lambda_half_mixup_gives_partners_identical_targets():
     """PAPER property 8: with lambda = 0.5 a sample and its partner have the same target."""
     y = jnp.array([0, 1, 2, 3, 4, 5])
     cfg = T.MixConfig(label_smoothing=0.1, mixup_alpha=0.8)
-    _, t = T.apply_mix(_images(), y, _params(0.5, n=6), num_classes=6, config=cfg)
+    _, t = _jit_apply(_images(), y, _params(0.5, n=6), num_classes=6, config=cfg)
     np.testing.assert_array_equal(t.dense, t.dense[::-1])
     assert not np.allclose(t.dense[0], t.dense[1])
 
@@ -93,7 +94,7 @@ def test_cutmix_pixels_come_from_partner_exactly_inside_per_element_boxes():
     lam = jnp.array([0.3, 0.75, 0.5, 0.9, 1.0, 0.1])
     cy, cx = jnp.array([3, 0, 6, 2, 3, 1]), jnp.array([2, 4, 0, 2, 1, 3])
     cfg = T.MixConfig(cutmix_alpha=1.0, mode="elem", structured=True)
-    mixed, t = T.apply_mix(x, y, T.MixParams(lam, jnp.ones(n, bool), cy, cx), num_classes=n, config=cfg)
+    mixed, t = _jit_apply(x, y, T.MixParams(lam, jnp.ones(n, bool), cy, cx), num_classes=n, config=cfg)
     xn, expected, lam_ref = np.asarray(x), np.array(x), np.zeros(n)
     for i in range(n):  # numpy re-implementation of timm's rand_bbox with the same draws
         half_h, half_w = int(h * np.sqrt(1 - float(lam[i]))) // 2, int(w * np.sqrt(1 - float(lam[i]))) // 2
@@ -179,7 +180,7 @@ def test_mixup_on_vectors_and_config_from_configdict():
     cfg = T.MixConfig.from_config(cd)
     assert cfg == T.MixConfig(label_smoothing=0.1, mixup_alpha=0.8, mode="elem")
     cd.structured = True
-    mixed, t = T.mix_batch(jax.random.key(1), x, y, num_classes=3, config=cd)
+    mixed, t = jax.jit(lambda r, x, y: T.mix_batch(r, x, y, num_classes=3, config=cd))(jax.random.key(1), x, y)
     lam = _lam_from_targets(t)[:, None] / 0.9  # weight of the own label is lam (1 - e)
     assert len(set(lam[:, 0].tolist())) == 6
     np.testing.assert_allclose(mixed, lam * np.asarray(x) + (1 - lam) * np.asarray(x)[::-1], rtol=1e-5, atol=1e-6)
@@ -223,3 +224,36 @@ def test_lambda_statistics_match_beta_and_mix_prob():
     lam = lam[~unmixed]
     assert abs(lam.mean() - 0.5) < 0.02
     assert abs(lam.var() - 1 / (4 * (2 * a + 1))) < 0.006
+
+
+def test_per_device_mixing_under_shard_map():
+    """Inside jax.shard_map each device mixes its own shard with its own key (as the trainer does)."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    x, y = _images(16, 4, 4), jnp.arange(16) % 5
+    cfg = T.MixConfig(**RECIPE, mode="elem", structured=True)
+
+    def per_device(rng, x, y):
+        rng = jax.random.fold_in(rng, jax.lax.axis_index("data"))
+        return T.mix_batch(rng, x, y, num_classes=5, config=cfg)
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P("data")))
+    mixed, t = sharded(jax.random.key(3), x, y)
+    mixed, t = np.asarray(mixed), jax.tree.map(np.asarray, t)
+    for d in range(8):  # device d holds rows 2d, 2d + 1, mixed with each other
+        rows = slice(2 * d, 2 * d + 2)
+        xd, yd = np.asarray(x[rows], np.float64), np.asarray(y[rows])
+        lam = t.structured.weights[rows, 0] / 0.9
+        onehot = _smooth_np(yd, 5, 0.1)
+        np.testing.assert_allclose(t.dense[rows], lam[:, None] * onehot + (1 - lam[:, None]) * onehot[::-1], atol=1e-6)
+        np.testing.assert_array_equal(t.labels[rows], yd)
+        for i, j in ((0, 1), (1, 0)):  # each element: MixUp blend or CutMix box from its partner
+            out = mixed[2 * d + i]
+            is_mixup = np.allclose(out, lam[i] * xd[i] + (1 - lam[i]) * xd[j], atol=1e-5)
+            from_partner = np.isclose(out, xd[j]).all(-1)
+            is_cutmix = (np.isclose(out, xd[i]).all(-1) | from_partner).all() and np.isclose(
+                from_partner.mean(), 1 - lam[i], atol=1e-6
+            )
+            assert is_mixup or is_cutmix, (d, i)
+    assert len(set(np.round(t.structured.weights[:, 0], 6))) > 8  # devices draw different lambdas
