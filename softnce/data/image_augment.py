@@ -24,6 +24,7 @@ The ops reproduce timm's training transform (``timm.data.create_transform`` with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Callable, Sequence
@@ -131,6 +132,7 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
 
 def random_flip_left_right(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.5) -> tf.Tensor:
     """Mirrors ``image`` horizontally with probability ``prob``."""
+    image = tf.convert_to_tensor(image)
     flip = tf.random.stateless_uniform([], seed) < prob
     return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
@@ -466,6 +468,8 @@ def rand_augment(image: tf.Tensor, seed: tf.Tensor, config: RandAugmentConfig,
     with probability ``prob`` it runs at magnitude ``clip(m + mstd * N(0, 1), 0, mmax)`` (or
     ``U(0, m)`` for ``mstd = inf``), signed levels negated with probability 1/2.
     """
+    image = tf.convert_to_tensor(image)
+    layer = _rand_augment_layer(tuple(config.transforms), tuple(int(c) for c in fill))
     for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, config.num_layers)):
         op_seed, gate_seed, mag_seed, sign_seed = tf.unstack(tf.random.experimental.stateless_split(layer_seed, 4))
         index = tf.random.stateless_uniform([], op_seed, 0, len(config.transforms), tf.int32)
@@ -476,8 +480,21 @@ def rand_augment(image: tf.Tensor, seed: tf.Tensor, config: RandAugmentConfig,
         magnitude = tf.clip_by_value(magnitude, 0.0, config.magnitude_max)
         negate = tf.random.stateless_uniform([], sign_seed) > 0.5
         apply = tf.random.stateless_uniform([], gate_seed) <= config.prob
-        branches = [lambda name=name, x=image: apply_op(name, x, magnitude, negate, fill)
-                    for name in config.transforms]
-        image = tf.cond(apply, lambda x=image, b=branches: tf.switch_case(index, b), lambda x=image: x)
-        image.set_shape([None, None, 3])
+        image = layer(image, index, magnitude, negate, apply)
     return image
+
+
+@functools.lru_cache(maxsize=None)
+def _rand_augment_layer(transforms: tuple[str, ...], fill: tuple[int, ...]) -> Callable[..., tf.Tensor]:
+    """One RandAugment layer as a tf.function, traced once per process (tracing all ops is slow)."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([], tf.int32),
+                                  tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.bool),
+                                  tf.TensorSpec([], tf.bool)])
+    def layer(image, index, magnitude, negate, apply):
+        branches = [functools.partial(apply_op, name, image, magnitude, negate, fill) for name in transforms]
+        out = tf.cond(apply, lambda: tf.switch_case(index, branches), lambda: image)
+        out.set_shape([None, None, 3])
+        return out
+
+    return layer
