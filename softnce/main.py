@@ -19,6 +19,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process only).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process only).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process only).")
+_IMPORTS = flags.DEFINE_list("import_modules", [], "Modules to import first, e.g. ones that register losses.")
 _NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None, "Simulate this many CPU devices (testing).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -39,7 +40,12 @@ def main(argv) -> None:
 
     tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; never give it the accelerator.
 
+    import importlib
+
     from softnce import distributed, train
+
+    for module in _IMPORTS.value:
+        importlib.import_module(module)  # e.g. a module of the user's that calls losses.register_loss
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
