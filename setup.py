@@ -17,6 +17,7 @@ setup(
         "ml_collections>=1.0,<2",
         "tensorflow-cpu>=2.19,<2.22",
         "tensorflow-datasets>=4.9.8,<5",
+        "importlib_resources>=6",  # tfds imports it to prepare builders defined outside tfds
         "clu>=0.0.12,<0.1",
         "absl-py>=2.1",
         "numpy>=1.26",
