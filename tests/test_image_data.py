@@ -220,6 +220,26 @@ def test_mock_train_batches(mocked, name, randaugment):
         assert not np.array_equal(later["inputs"], b["inputs"])
 
 
+def test_global_batches_do_not_depend_on_the_number_of_processes(mocked):
+    # Two shards: one process reading both equals the concatenation of two processes' batches.
+    config = _config("imagenet2012", mocked, num_train_examples=10, num_eval_examples=10, randaugment="",
+                     num_shards=2)
+    single = images.make_image_dataset(config, process_index=0, process_count=1)
+    shares = [images.make_image_dataset(config, process_index=p, process_count=2) for p in (0, 1)]
+    assert list(single.shards) == [0, 1] and [list(s.shards) for s in shares] == [[0], [1]]
+    whole = single.train_batches(6, seed=3, start_step=2)
+    parts = [s.train_batches(3, seed=3, start_step=2) for s in shares]
+    for _ in range(3):  # 18 draws > 5 examples per shard: crosses the shards' epoch boundaries
+        batch, halves = next(whole), [next(p) for p in parts]
+        for key in ("inputs", "label"):
+            np.testing.assert_array_equal(batch[key], np.concatenate([h[key] for h in halves]))
+    assert not np.array_equal(halves[0]["inputs"], halves[1]["inputs"])  # shards differ
+    with pytest.raises(ValueError, match=r"per-process training batch \(5\) must divide over .* 2 training"):
+        single.train_batches(5, seed=0)
+    with pytest.raises(ValueError, match=r"num_shards=3 must be a positive multiple of the number of processes \(2\)"):
+        images.make_image_dataset(_config("imagenet2012", mocked, num_shards=3), process_index=0, process_count=2)
+
+
 def test_mock_eval_and_label_counts(mocked):
     config = _config("imagenet2012", mocked, num_train_examples=10, num_eval_examples=10)
     ds = images.make_image_dataset(config, process_index=0, process_count=1)

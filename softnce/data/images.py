@@ -1,9 +1,13 @@
 """tfds + tf.data image pipelines (ImageNet-1k, CIFAR-100, Tiny ImageNet) behind the Dataset interface.
 
-Each process builds one :class:`ImageDataset` with :func:`make_image_dataset` and reads its own
-share of every split (``tfds.even_splits(split, n=process_count)[process_index]``). Batches are
-numpy: ``inputs`` float32 ``[B, S, S, 3]`` (normalised with the dataset's mean/std), ``label``
-int32 ``[B]`` and, for evaluation, ``mask`` bool ``[B]``.
+Each process builds one :class:`ImageDataset` with :func:`make_image_dataset`. Training reads
+``num_shards`` shards of the train split (``tfds.even_splits(split, n=num_shards)``); process ``p`` of
+``P`` owns shards ``[p S/P, (p+1) S/P)`` and concatenates one batch of each, in shard order, so the
+global batch depends on ``num_shards`` but not on the number of processes (1 process x 8 devices and
+2 processes x 4 devices see the same global batches). Evaluation reads
+``tfds.even_splits(split, n=process_count)[process_index]``. Batches are numpy: ``inputs`` float32
+``[B, S, S, 3]`` (normalised with the dataset's mean/std), ``label`` int32 ``[B]`` and, for
+evaluation, ``mask`` bool ``[B]``.
 
 Training (timm's transform of the reference recipe, see :mod:`softnce.data.image_augment`):
 random resized crop to ``S`` (bicubic), horizontal flip, RandAugment, normalisation, random erasing.
@@ -73,7 +77,7 @@ def default_image_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="imagenet2012", data_dir=None, image_size=224, train_split=None, eval_split=None,
         num_train_examples=None, num_eval_examples=None, randaugment="rand-m9-mstd0.5-inc1",
-        random_erasing_prob=0.25, shuffle_buffer=16_384, cache=False, cache_dir=None))
+        random_erasing_prob=0.25, shuffle_buffer=16_384, cache=False, cache_dir=None, num_shards=None))
 
 
 def make_image_dataset(config: ml_collections.ConfigDict, *, process_index: int,
@@ -90,7 +94,10 @@ def make_image_dataset(config: ml_collections.ConfigDict, *, process_index: int,
         must be given under ``tfds.testing.mock_data``, which has no split metadata).
       randaugment: timm RandAugment spec (``'rand-m9-mstd0.5-inc1'``), ``''`` disables it.
       random_erasing_prob: probability of timm's pixel-mode random erasing (0.25; 0 disables it).
-      shuffle_buffer: examples in the training shuffle buffer.
+      shuffle_buffer: examples in the training shuffle buffer of each shard.
+      num_shards: training shards ``S`` (None: ``process_count``); must be a multiple of
+        ``process_count``. Fix it (e.g. to the largest process count you will use) to get the same
+        global batches whatever the number of processes.
       cache: keep the encoded examples of this process's shares in memory after the first pass.
       cache_dir: where ``train_label_counts`` stores its ``.npy`` (None: the dataset's directory).
 
@@ -104,9 +111,26 @@ def make_image_dataset(config: ml_collections.ConfigDict, *, process_index: int,
         raise ValueError(f"Unknown image dataset {full.name!r}; choose one of {sorted(SPECS)}.")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+    train_shards(full.num_shards, process_index=process_index, process_count=process_count)
     builder = tfds.builder(full.name, data_dir=full.data_dir)
     assert_prepared(builder, full.name)
     return ImageDataset(full, builder, process_index=process_index, process_count=process_count)
+
+
+def train_shards(num_shards: int | None, *, process_index: int, process_count: int) -> tuple[int, range]:
+    """``(S, shards of this process)``: shards ``[p S/P, (p+1) S/P)`` of ``S`` (None: ``P``).
+
+    Raises:
+      ValueError: ``S`` is not a positive multiple of ``P``.
+    """
+    num_shards = process_count if num_shards is None else int(num_shards)
+    if num_shards <= 0 or num_shards % process_count:
+        raise ValueError(
+            f"config.data.num_shards={num_shards} must be a positive multiple of the number of processes "
+            f"({process_count}), so that every process owns the same number of training shards; e.g. "
+            f"num_shards={process_count * max(1, num_shards // process_count)}.")
+    per_process = num_shards // process_count
+    return num_shards, range(process_index * per_process, (process_index + 1) * per_process)
 
 
 def assert_prepared(builder: tfds.core.DatasetBuilder, name: str) -> None:
@@ -143,6 +167,8 @@ class ImageDataset(Dataset):
         self.num_train_examples = self._split_size(self.train_split, config.num_train_examples)
         self.num_eval_examples = self._split_size(self.eval_split, config.num_eval_examples)
         self.rand_augment = augment.parse_rand_augment(config.randaugment) if config.randaugment else None
+        self.num_shards, self.shards = train_shards(config.num_shards, process_index=process_index,
+                                                    process_count=process_count)
 
     def _split_size(self, split: str, configured: int | None) -> int:
         if configured is not None:
@@ -159,7 +185,10 @@ class ImageDataset(Dataset):
 
     # ------------------------------------------------------------------ label counts
     def train_label_counts(self) -> np.ndarray:
-        """Per-class counts ``[C]`` over the whole training split (label-only pass, cached as .npy)."""
+        """Per-class counts ``[C]`` over the whole training split (label-only pass, cached as .npy).
+
+        Every process counts (or reads the cache); only process 0 writes the cache file.
+        """
         path = self._label_counts_path()
         if tf.io.gfile.exists(path):
             with tf.io.gfile.GFile(path, "rb") as f:
@@ -172,7 +201,8 @@ class ImageDataset(Dataset):
         counts = np.zeros(self.num_classes, np.int64)
         for chunk in labels.as_numpy_iterator():
             counts += np.bincount(chunk, minlength=self.num_classes)[:self.num_classes]
-        _atomic_save(path, counts, suffix=f".tmp{self.process_index}")
+        if self.process_index == 0:
+            _atomic_save(path, counts, suffix=".tmp")
         return counts
 
     def _label_counts_path(self) -> str:
@@ -184,21 +214,45 @@ class ImageDataset(Dataset):
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
         """Endless shuffled, augmented batches of ``batch_size`` (this process's share).
 
-        Deterministic in ``(seed, start_step, process_index)``: file order, shuffle and every
-        augmentation draw come from seeds derived from these. Resuming at ``start_step`` does not
-        replay the exact stream an uninterrupted run would have seen; it reshuffles with a
-        step-dependent seed (skipping ``start_step`` batches of ImageNet would cost as much as reading them).
+        A batch is the concatenation, in shard order, of ``batch_size / k`` examples from each of
+        this process's ``k`` shards. Each shard's stream is deterministic in ``(seed, shard,
+        start_step)`` (file order, shuffle and every augmentation draw), never in the process index.
+        Resuming at ``start_step`` does not replay the exact stream an uninterrupted run would have
+        seen; it reshuffles with a step-dependent seed (skipping ``start_step`` batches of ImageNet
+        would cost as much as reading them).
         """
         ds = self.train_dataset(batch_size, seed=seed, start_step=start_step)
         return ds.as_numpy_iterator()
 
     def train_dataset(self, batch_size: int, *, seed: int, start_step: int = 0) -> tf.data.Dataset:
         """The ``tf.data`` pipeline behind :meth:`train_batches`."""
-        entropy = np.random.SeedSequence([seed, start_step, self.process_index]).generate_state(3)
+        per_shard = self._per_shard_batch(batch_size)
+        streams = tuple(self.shard_dataset(shard, per_shard, seed=seed, start_step=start_step)
+                        for shard in self.shards)
+        if len(streams) == 1:
+            ds = streams[0]
+        else:
+            ds = tf.data.Dataset.zip(streams).map(
+                lambda *batches: {key: tf.concat([b[key] for b in batches], axis=0) for key in batches[0]})
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(_deterministic_options())
+
+    def _per_shard_batch(self, batch_size: int) -> int:
+        shards = len(self.shards)
+        if batch_size <= 0 or batch_size % shards:
+            raise ValueError(
+                f"the per-process training batch ({batch_size}) must divide over this process's {shards} "
+                f"training shards (config.data.num_shards={self.num_shards} over {self.process_count} "
+                f"processes): make config.data.batch_size a multiple of num_shards={self.num_shards}.")
+        return batch_size // shards
+
+    def shard_dataset(self, shard: int, batch_size: int, *, seed: int, start_step: int = 0) -> tf.data.Dataset:
+        """Endless batches of ``batch_size`` from training shard ``shard`` of ``num_shards``."""
+        entropy = np.random.SeedSequence([seed, shard, start_step]).generate_state(3)
         file_seed, shuffle_seed = int(entropy[0]), int(entropy[1])
         example_key = tf.constant([entropy[2] >> 1, seed & 0x7FFFFFFF], tf.int64)
         read_config = tfds.ReadConfig(shuffle_seed=file_seed, options=_deterministic_options())
-        ds = self.builder.as_dataset(split=self._process_split(self.train_split), shuffle_files=True,
+        split = tfds.even_splits(self.train_split, n=self.num_shards)[shard]
+        ds = self.builder.as_dataset(split=split, shuffle_files=True,
                                      decoders={"image": tfds.decode.SkipDecoding()}, read_config=read_config)
         ds = ds.map(lambda ex: (ex["image"], ex["label"]))
         if self.config.cache:
@@ -211,8 +265,7 @@ class ImageDataset(Dataset):
             return {"inputs": self.train_preprocess(image_bytes, key), "label": tf.cast(label, tf.int32)}
 
         ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-        return ds.with_options(_deterministic_options())
+        return ds.batch(batch_size, drop_remainder=True)
 
     def train_preprocess(self, image_bytes: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
         """Encoded image -> float32 ``[S, S, 3]``: crop, flip, RandAugment, normalise, erase."""
