@@ -62,10 +62,10 @@ def get_config(arg=None):
     config.max_checkpoints = 2
 
     config.data = ml_collections.ConfigDict(dict(
-        name=args["dataset"], batch_size=args["batch"], eval_batch_size=args["batch"], data_dir=None,
-        image_size=224, train_split=None, eval_split=None, num_train_examples=None, num_eval_examples=None,
-        randaugment="rand-m9-mstd0.5-inc1", random_erasing_prob=0.25, shuffle_buffer=16_384, cache=False,
-        cache_dir=None,
+        name=args["dataset"], batch_size=args["batch"], eval_batch_size=args["batch"], data_dir=_none(str),
+        image_size=224, train_split=_none(str), eval_split=_none(str), num_train_examples=_none(int),
+        num_eval_examples=_none(int), randaugment="rand-m9-mstd0.5-inc1", random_erasing_prob=0.25,
+        shuffle_buffer=16_384, cache=False, cache_dir=_none(str), num_shards=_none(int),
     ))
     config.model = ml_collections.ConfigDict(dict(name=args["model"], drop_path_rate=0.1, dtype="bfloat16"))
     config.loss = ml_collections.ConfigDict(
@@ -86,5 +86,10 @@ def get_config(arg=None):
         min_lr=1e-6, warmup_steps=5 * steps_per_epoch, b1=0.9, b2=0.999, weight_decay=0.05,
         grad_clip_norm=None, layer_decay=0.65,
     ))
-    config.init = ml_collections.ConfigDict(dict(checkpoint=None, pretrained=None))
+    config.init = ml_collections.ConfigDict(dict(checkpoint=_none(str), pretrained=_none(str)))
     return config
+
+
+def _none(field_type):
+    """A ``None`` default that ``--config.<field>=value`` can still override (typed placeholder)."""
+    return ml_collections.FieldReference(None, field_type=field_type)

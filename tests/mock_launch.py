@@ -1,0 +1,51 @@
+"""Runs the real CLI (``softnce.main``) on ``tfds.testing.mock_data`` tfds datasets (tests only).
+
+    python tests/mock_launch.py --mock_data_dir DIR --mock_num_examples 16 --mock_datasets imagenet2012 \\
+        --config configs/vit_finetune.py:dataset=imagenet2012,model=vit_tiny --workdir W [softnce.main flags]
+
+The tensorflow-datasets wheel ships no dataset metadata, so :func:`write_metadata` writes each dataset's
+real ``DatasetInfo`` (features, no split sizes) to ``DIR``: the dataset then counts as prepared, and
+mock_data generates ``--mock_num_examples`` random examples per split (the same ones in every process,
+mock_data's generator is seeded). Set ``config.data.num_train_examples`` / ``num_eval_examples``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from softnce import main as softnce_main  # noqa: E402  (defines the trainer's flags)
+
+_DATA_DIR = flags.DEFINE_string("mock_data_dir", None, "tfds data_dir holding the datasets' metadata.")
+_NUM_EXAMPLES = flags.DEFINE_integer("mock_num_examples", 16, "Mock examples per split.")
+_DATASETS = flags.DEFINE_list("mock_datasets", ["imagenet2012"], "Datasets whose metadata to write if absent.")
+
+
+def write_metadata(data_dir: str, names=("imagenet2012",)) -> None:
+    """Writes the real ``DatasetInfo`` of each tfds dataset in ``names`` under ``data_dir`` (if absent)."""
+    import tensorflow_datasets as tfds
+
+    for name in names:
+        builder = tfds.builder(name, data_dir=data_dir)
+        if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+            os.makedirs(builder.data_dir, exist_ok=True)
+            builder.info.write_to_directory(builder.data_dir)
+
+
+def _main(argv) -> None:
+    import tensorflow_datasets as tfds
+
+    if _DATA_DIR.value is None:
+        raise app.UsageError("--mock_data_dir is required.")
+    write_metadata(_DATA_DIR.value, _DATASETS.value)
+    with tfds.testing.mock_data(num_examples=_NUM_EXAMPLES.value, data_dir=_DATA_DIR.value):
+        softnce_main.main(argv)
+
+
+if __name__ == "__main__":
+    app.run(_main)
