@@ -21,3 +21,6 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+demo: $(STAMP)
+	$(PY) experiments/toy_experiment.py

@@ -24,7 +24,7 @@ from softnce import config_utils
 def get_config(arg=None):
     args = config_utils.parse_arg(
         arg, prior="balanced", annotators=10, loss="soft_target_infonce", noise_prior="class_prior",
-        seed=0, steps=1200,
+        seed=0, steps=800,
     )
     config = ml_collections.ConfigDict()
     config.seed = args["seed"]
@@ -49,7 +49,7 @@ def get_config(arg=None):
         dict(label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=0.0, switch_prob=0.5, mode="batch", structured=False)
     )
     config.optim = ml_collections.ConfigDict(
-        dict(base_lr=2e-3, min_lr=1e-5, warmup_steps=50, b1=0.9, b2=0.999, weight_decay=0.01,
+        dict(base_lr=3e-3, min_lr=1e-5, warmup_steps=50, b1=0.9, b2=0.999, weight_decay=0.01,
              grad_clip_norm=None, layer_decay=None)
     )
     config.init = ml_collections.ConfigDict(dict(checkpoint=None, pretrained=None))

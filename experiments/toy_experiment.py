@@ -25,7 +25,7 @@ finds its minimum; ``top1``, ``nll``, ``ece`` (and ``*_calibrated``) from
 p_true(argmax z(x) | x)``; references: the Bayes classifier's accuracy and NLL, and the KL of the
 constant predictor ``p(y) = pi``.
 
-Run: ``make demo`` or ``python experiments/toy_experiment.py [--quick] [--out DIR]``. Writes
+Run: ``make demo`` or ``python experiments/toy_experiment.py [--setting full|quick|tiny] [--out DIR]``. Writes
 ``metrics.json``, ``summary.md``, ``posteriors_<prior>.png``, ``kl_vs_m.png`` and
 ``reliability_<prior>.png`` to ``runs/toy-<timestamp>/``.
 """
@@ -99,8 +99,12 @@ class Settings:
 
 
 FULL = Settings()
-# The notebook and the tests: every method and both priors, fewer seeds, m and steps.
+# Every method and both priors with fewer seeds, m and steps (about a third of the full run time).
 QUICK = Settings(seeds=2, annotators=(1, math.inf), steps=300, num_train=1000, num_val=1000, num_test=2000, grid_size=41)
+# The smallest run that exercises every step (the notebook under the test suite).
+TINY = Settings(seeds=1, annotators=(1, math.inf), priors=("imbalanced",), methods=("nll", "soft_target_infonce"),
+                steps=60, num_train=500, num_val=500, num_test=1000, grid_size=21)
+SETTINGS = {"full": FULL, "quick": QUICK, "tiny": TINY}
 
 
 def method_by_name(name: str) -> Method:
@@ -332,25 +336,27 @@ def plot_kl_vs_m(path: str, summary: list[dict], settings: Settings) -> str:
     for col, prior in enumerate(settings.priors):
         for row, key in enumerate(("kl", "kl_calibrated")):
             ax = axes[row][col]
-            for method in settings.methods:
+            for i, method in enumerate(settings.methods):
+                color = f"C{i}"
                 entries = {s["m"]: s[key] for s in summary if s["prior"] == prior and s["method"] == method}
                 if not entries:
                     continue
                 if method_by_name(method).hard_labels:
                     value = entries["hard"]
                     y, err = [value["mean"]] * len(ms), [value["std"]] * len(ms)
-                    ax.errorbar(range(len(ms)), y, yerr=err, ls="--", marker="", capsize=2, label=f"{method} (1 vote)")
+                    ax.errorbar(range(len(ms)), y, yerr=err, ls="--", marker="", capsize=2, color=color, label=f"{method} (1 vote)")
                 else:
                     y = [entries[m]["mean"] for m in ms]
                     err = [entries[m]["std"] for m in ms]
-                    ax.errorbar(range(len(ms)), y, yerr=err, marker="o", capsize=2, label=method)
+                    ax.errorbar(range(len(ms)), y, yerr=err, marker="o", capsize=2, color=color, label=method)
             ax.set_xticks(range(len(ms)), ms)
             ax.set_yscale("log")
             ax.set_xlabel("annotators m")
             ax.set_ylabel("KL(p_true || model)" + (" after T-scaling" if row else ""))
             ax.set_title(f"{prior} prior", fontsize=9)
             ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=7)
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -496,11 +502,11 @@ def run_experiment(settings: Settings = FULL, out_dir: Optional[str] = None, log
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the reduced setting of the tests and notebook")
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="full", help="grid size (default full)")
     parser.add_argument("--out", default=None, help="run folder (default runs/toy-<timestamp>)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; quick: 2)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the setting's)")
     args = parser.parse_args(argv)
-    settings = QUICK if args.quick else FULL
+    settings = SETTINGS[args.setting]
     if args.seeds is not None:
         settings = dataclasses.replace(settings, seeds=args.seeds)
     run_experiment(settings, args.out)

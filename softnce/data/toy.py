@@ -97,12 +97,15 @@ def true_posterior(x: np.ndarray, prior: Union[str, Sequence[float]]) -> np.ndar
     return np.exp(true_log_posterior(x, prior))
 
 
-def sample_inputs(rng: np.random.Generator, n: int, prior) -> np.ndarray:
-    """``n`` draws of ``x`` from the mixture ``sum_k pi_k N(mu_k, Sigma_k)``, float64 ``[n, 2]``."""
+def sample_mixture(rng: np.random.Generator, n: int, prior) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` draws ``(x, k)`` of the joint: ``k ~ pi``, ``x ~ N(mu_k, Sigma_k)``; float64 ``[n, 2]``, int ``[n]``.
+
+    ``k`` is the generating component; given ``x`` it is distributed as ``p(y | x)``.
+    """
     components = rng.choice(NUM_CLASSES, size=n, p=class_prior(prior))
     noise = rng.standard_normal((n, MEANS.shape[1]))
     chols = np.linalg.cholesky(COVARIANCES)  # [K, d, d]
-    return MEANS[components] + np.einsum("nij,nj->ni", chols[components], noise)
+    return MEANS[components] + np.einsum("nij,nj->ni", chols[components], noise), components
 
 
 def sample_votes(rng: np.random.Generator, posterior: np.ndarray, m: int) -> np.ndarray:
@@ -150,7 +153,7 @@ class ToyData(NamedTuple):
 
 def make_split(rng: np.random.Generator, n: int, prior, num_votes: int) -> ToySplit:
     """Draws ``n`` inputs, their posterior and ``num_votes`` annotator votes each."""
-    x = sample_inputs(rng, n, prior)
+    x, _ = sample_mixture(rng, n, prior)
     log_post = true_log_posterior(x, prior)
     votes = sample_votes(rng, np.exp(log_post), max(num_votes, 1))
     return ToySplit(x.astype(np.float32), log_post, votes, votes[:, 0].copy())
