@@ -376,11 +376,21 @@ def summary_markdown(summary: list[dict], references: dict, settings: Settings, 
         "'calibrated' = after fitting one temperature on the validation NLL; hard-label methods train on one vote "
         f"(m does not apply). Run time {seconds:.0f} s.",
     ]
+    ms = [toy.annotators_name(m) for m in settings.annotators]
+    lines += ["", "## KL to the true posterior against m (raw / after temperature scaling)", "",
+              "| prior | method | " + " | ".join(f"m = {m}" for m in ms) + " |", "|---|---|" + "---|" * len(ms)]
+    for prior in settings.priors:
+        for method in settings.methods:
+            entries = {s["m"]: s for s in summary if s["prior"] == prior and s["method"] == method}
+            if entries:
+                cells = [entries.get("hard", entries.get(m)) for m in ms]
+                lines.append(f"| {prior} | {method} | " + " | ".join(
+                    f"{c['kl']['mean']:.4f} / {c['kl_calibrated']['mean']:.4f}" for c in cells) + " |")
     for prior in settings.priors:
         ref = references[prior]
         lines += [
             "",
-            f"## {prior} prior {toy.PRIORS[prior]}",
+            f"## {prior} prior ({', '.join(f'{p:.2f}' for p in toy.PRIORS[prior])})",
             "",
             f"Bayes classifier: accuracy {_cell(ref['bayes_top1'], 3)} on the test labels "
             f"(expected {_cell(ref['bayes_expected_top1'], 3)}), NLL {_cell(ref['bayes_nll'], 3)}; "
