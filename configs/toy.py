@@ -12,8 +12,8 @@ the first annotator's vote, soft-target losses on the ``m``-vote histogram), ``n
 
 The full grid (every loss, prior and ``m``, 5 seeds, figures and tables) is
 ``experiments/toy_experiment.py`` (``make demo``), which takes its hyperparameters from here.
-Expected: about 0.75-0.77 top-1 on the balanced test set (Bayes accuracy 0.77), in a few
-seconds per run on CPU.
+Expected (800 steps): about 0.77 top-1 on the balanced and 0.835 on the imbalanced test set (Bayes
+accuracy 0.77 / 0.84); one run takes 20-30 s on a 2-core CPU, mostly start-up and compilation.
 """
 
 import ml_collections
@@ -46,7 +46,8 @@ def get_config(arg=None):
     )
     # The targets come with the data (annotator votes): no smoothing or mixing.
     config.augment = ml_collections.ConfigDict(
-        dict(label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=0.0, switch_prob=0.5, mode="batch", structured=False)
+        dict(label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=0.0, switch_prob=0.5, mode="batch",
+             structured=False)
     )
     config.optim = ml_collections.ConfigDict(
         dict(base_lr=3e-3, min_lr=1e-5, warmup_steps=50, b1=0.9, b2=0.999, weight_decay=0.01,

@@ -149,8 +149,8 @@ def make_train_fn(config) -> Callable:
     ``run`` initialises the model of ``config`` (:func:`softnce.train.initial_params`), builds the
     optimiser (:func:`softnce.optim.make_optimizer`) and scans ``config.num_train_steps`` calls of
     :func:`softnce.train.train_step` over the batches ``rows [T, B]`` (:func:`batch_rows`) of
-    ``data`` = ``{'inputs' [n, 2], 'label' [n], 'targets' [n, K]}``. Everything but ``config`` is an argument, so one compile serves every
-    prior, ``m`` and noise prior of the loss.
+    ``data`` = ``{'inputs' [n, 2], 'label' [n], 'targets' [n, K]}``. Everything but ``config`` is an
+    argument, so one compile serves every prior, ``m`` and noise prior of the loss.
     """
     model = models.get_model(config.model, toy.NUM_CLASSES)
     num_steps = config.num_train_steps
@@ -344,7 +344,8 @@ def plot_kl_vs_m(path: str, summary: list[dict], settings: Settings) -> str:
                 if method_by_name(method).hard_labels:
                     value = entries["hard"]
                     y, err = [value["mean"]] * len(ms), [value["std"]] * len(ms)
-                    ax.errorbar(range(len(ms)), y, yerr=err, ls="--", marker="", capsize=2, color=color, label=f"{method} (1 vote)")
+                    ax.errorbar(range(len(ms)), y, yerr=err, ls="--", marker="", capsize=2, color=color,
+                                label=f"{method} (1 vote)")
                 else:
                     y = [entries[m]["mean"] for m in ms]
                     err = [entries[m]["std"] for m in ms]
