@@ -12,12 +12,19 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
-def make_manager(directory: str, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
-    """A ``CheckpointManager`` for ``directory`` (saves are triggered explicitly by the trainer)."""
+def resolve(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an ``epath.Path``: local paths made absolute, URLs (``gs://...``) kept as they are."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def make_manager(directory: str | os.PathLike, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    """A ``CheckpointManager`` for ``directory`` (local or ``gs://``; saves are triggered by the trainer)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(resolve(directory), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
@@ -38,17 +45,17 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = N
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
-def restore_params(path: str, target_params: Any) -> Any:
-    """Loads only the ``params`` of a trainer checkpoint directory (``.../checkpoints``) or step dir.
+def restore_params(path: str | os.PathLike, target_params: Any) -> Any:
+    """Loads only the ``params`` of the latest step in a trainer checkpoint directory (``.../checkpoints``).
 
     Used to start a new run from an earlier run's weights (``config.init.checkpoint``).
     """
-    path = os.path.abspath(path)
+    path = resolve(path)
     manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(
-            f"config.init.checkpoint={path!r} holds no finished checkpoint; give the 'checkpoints' "
+            f"config.init.checkpoint='{path}' holds no finished checkpoint; give the 'checkpoints' "
             "directory inside an earlier run's workdir."
         )
     restored = manager.restore(step, args=ocp.args.StandardRestore())

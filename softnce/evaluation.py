@@ -16,7 +16,7 @@ with ``n_b`` the examples in bin ``b``, ``acc_b`` their accuracy and ``conf_b`` 
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Optional
 
 import jax
@@ -101,7 +101,7 @@ def plot_reliability_diagram(sums_by_name: dict[str, dict], path: str, *, title:
 
     Args:
       sums_by_name: ``{label: metric_sums}`` accumulated over the evaluation set.
-      path: output ``.png`` path.
+      path: output ``.png`` path, local or ``gs://`` (written through ``etils.epath``).
     """
     import matplotlib
 
@@ -132,7 +132,12 @@ def plot_reliability_diagram(sums_by_name: dict[str, dict], path: str, *, title:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    from softnce.checkpointing import resolve
+
+    target = resolve(path)  # local or gs://
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(png.getvalue())
     return path

@@ -24,6 +24,20 @@ _NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None, "Simulate this 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+@flags.multi_flags_validator(
+    ["coordinator_address", "num_processes", "process_id"],
+    message="--coordinator_address, --num_processes and --process_id go together (see --helpfull).",
+)
+def _check_multiprocess_flags(values) -> bool:
+    from softnce.distributed import check_initialize_args
+
+    try:
+        check_initialize_args(values["coordinator_address"], values["num_processes"], values["process_id"])
+    except ValueError as error:
+        raise flags.ValidationError(str(error)) from None
+    return True
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

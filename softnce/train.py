@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import time
 from typing import Any, Iterator, Optional
@@ -245,9 +244,9 @@ def _check_finite(history: list[tuple[int, dict]], last_saved: Optional[int], ck
     return [m for _, m in fetched]
 
 
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+def _write_json(path, obj) -> None:
+    """Writes ``obj`` as JSON to ``path`` (an ``epath.Path``: local or ``gs://``)."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: Optional[int] = None) -> dict:
@@ -272,15 +271,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     mix_config = targets.MixConfig.from_config(config.augment)
     loss_spec = losses.get_loss(config.loss.name)
 
-    os.makedirs(workdir, exist_ok=True)
+    workdir = checkpointing.resolve(workdir)  # local or gs://; every write below is on process 0 only
     if is_chief:
-        _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+    writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_chief)
 
     model = models.get_model(config.model, dataset.num_classes)
     rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng = jax.random.split(rng)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt_dir = str(workdir / "checkpoints")
     manager = checkpointing.make_manager(ckpt_dir, max_to_keep=config.get("max_checkpoints", 3))
     if manager.latest_step() is not None:  # resume: no need for pretrained weights
         config = config.copy_and_resolve_references()
@@ -343,10 +343,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         summary, sums = evaluate(eval_fn, state.params, dataset, mesh, local_eval_batch)
     if is_chief:
         summary = dict(summary, step=int(state.step))
-        _write_json(os.path.join(workdir, "metrics.json"), summary)
-        _write_json(os.path.join(workdir, "eval_sums.json"), {k: np.asarray(v).tolist() for k, v in sums.items()})
+        _write_json(workdir / "metrics.json", summary)
+        _write_json(workdir / "eval_sums.json", {k: np.asarray(v).tolist() for k, v in sums.items()})
         evaluation.plot_reliability_diagram(
-            {config.loss.name: sums}, os.path.join(workdir, "reliability.png"), title=config.data.name
+            {config.loss.name: sums}, str(workdir / "reliability.png"), title=config.data.name
         )
     writer.flush()
     return summary

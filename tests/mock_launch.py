@@ -7,12 +7,16 @@ The tensorflow-datasets wheel ships no dataset metadata, so :func:`write_metadat
 real ``DatasetInfo`` (features, no split sizes) to ``DIR``: the dataset then counts as prepared, and
 mock_data generates ``--mock_num_examples`` random examples per split (the same ones in every process,
 mock_data's generator is seeded). Set ``config.data.num_train_examples`` / ``num_eval_examples``.
+
+:func:`mock_datasets` is the same set-up as a context manager for in-process tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from unittest import mock
 
 if __name__ == "__main__":  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,13 +41,42 @@ def write_metadata(data_dir: str, names=("imagenet2012",)) -> None:
             builder.info.write_to_directory(builder.data_dir)
 
 
-def _main(argv) -> None:
-    import tensorflow_datasets as tfds
+class _NoMockFs:
+    """Stands in for tfds's ``MockFs``, which mock_data enters around every ``builder.as_dataset``.
 
+    ``MockFs`` redirects all epath / tf.io.gfile access of the whole process (every thread) into a
+    temporary directory while it is active, so an orbax save running asynchronously in another thread
+    during an ``as_dataset`` call would write there and fail. Our data_dir really exists (it holds
+    the metadata), so no file-system mock is needed.
+    """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_file(self, path, content=None) -> None:
+        del path, content
+
+
+@contextlib.contextmanager
+def mock_datasets(data_dir: str, num_examples: int, names=("imagenet2012",)):
+    """Metadata in ``data_dir`` + ``tfds.testing.mock_data`` with ``num_examples`` per split."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.testing import test_utils
+
+    write_metadata(data_dir, names)
+    with mock.patch.object(test_utils, "MockFs", _NoMockFs), tfds.testing.mock_data(
+        num_examples=num_examples, data_dir=data_dir
+    ):
+        yield
+
+
+def _main(argv) -> None:
     if _DATA_DIR.value is None:
         raise app.UsageError("--mock_data_dir is required.")
-    write_metadata(_DATA_DIR.value, _DATASETS.value)
-    with tfds.testing.mock_data(num_examples=_NUM_EXAMPLES.value, data_dir=_DATA_DIR.value):
+    with mock_datasets(_DATA_DIR.value, _NUM_EXAMPLES.value, _DATASETS.value):
         softnce_main.main(argv)
 
 
