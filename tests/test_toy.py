@@ -203,18 +203,54 @@ def test_notebook_runs(tmp_path, monkeypatch):
     assert "Bayes accuracy" in outputs and str(tmp_path / "run") in outputs
 
 
-def test_config_runs_through_the_entry_point(tmp_path):
+def test_config_runs_through_the_entry_point_and_matches_the_vmapped_trainer(tmp_path):
+    # The real trainer (softnce.main, one device) and the experiment's jit(vmap(scan(train_step)))
+    # see the same data, batch order (ArrayDataset's per-epoch permutation), initial params and
+    # optimiser, and STI is deterministic, so after 20 steps their params must agree to float
+    # round-off. Warm-up 2 steps so the params move by ~1e-2, far above the tolerance.
+    arg = "prior=imbalanced,annotators=3,loss=soft_target_infonce,steps=20"
+    overrides = ["--config.log_every_steps=10", "--config.data.num_test=2000", "--config.optim.warmup_steps=2"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    cmd = [
-        sys.executable, "-m", "softnce.main",
-        "--config=configs/toy.py:prior=imbalanced,annotators=3,loss=soft_distribution_infonce,steps=6",
-        "--config.log_every_steps=3", "--config.data.num_test=2000", "--num_cpu_devices=2",
-        f"--workdir={tmp_path}",
-    ]
+    cmd = [sys.executable, "-m", "softnce.main", f"--config=configs/toy.py:{arg}", *overrides, f"--workdir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "step 6/6" in proc.stdout and "ETA" in proc.stdout
+    assert "step 20/20" in proc.stdout and "ETA" in proc.stdout
     metrics = json.load(open(tmp_path / "metrics.json"))
-    assert metrics["step"] == 6 and metrics["num_examples"] == 2000
+    assert metrics["step"] == 20 and metrics["num_examples"] == 2000
     assert 0.0 <= metrics["top1"] <= 1.0 and np.isfinite(metrics["nll"])
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    from softnce import models, train
+
+    manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
+    cli_params = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())["params"]
+    config = toy_config.get_config(arg)
+    config.data.num_test = 2000
+    config.optim.warmup_steps = 2
+    dataset = get_dataset(config.data)
+    data = {"inputs": dataset.train_inputs, "label": dataset.train_labels, "targets": dataset.train_targets}
+    rows = te.batch_rows(config.seed, dataset.num_train_examples, config.data.batch_size, config.num_train_steps)
+    log_eta = np.asarray(train.noise_prior(config, dataset))
+    params, _ = te.make_train_fn(config)(
+        jax.random.PRNGKey(config.seed)[None], jax.tree.map(lambda v: v[None], data), rows[None], log_eta[None]
+    )
+    for ours, cli in zip(jax.tree.leaves(params), jax.tree.leaves(cli_params)):
+        np.testing.assert_allclose(np.asarray(ours)[0], np.asarray(cli), rtol=0, atol=2e-5)
+    init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
+    initial = train.initial_params(config, models.get_model(config.model, 3), (2,), init_rng)
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(cli_params))]
+    assert max(moved) > 1e-3
+
+
+def test_batch_rows_are_epoch_permutations():
+    rows = te.batch_rows(seed=7, num_examples=100, batch_size=32, num_steps=7)  # 3 steps per epoch
+    assert rows.shape == (7, 32)
+    for epoch in range(2):
+        block = rows[3 * epoch : 3 * epoch + 3].ravel()
+        assert len(set(block.tolist())) == 96  # no repeats within an epoch
+    assert not np.array_equal(rows[:3], rows[3:6])
+    with pytest.raises(ValueError, match="exceeds"):
+        te.batch_rows(seed=0, num_examples=10, batch_size=32, num_steps=1)
