@@ -55,6 +55,7 @@ from scipy.special import log_softmax, logsumexp  # noqa: E402
 from configs import toy as toy_config  # noqa: E402
 from softnce import evaluation, losses, models, optim, targets, train  # noqa: E402
 from softnce.data import toy  # noqa: E402
+from softnce.data.arrays import ArrayDataset  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # What runs.
@@ -129,18 +130,22 @@ def make_config(settings: Settings, method: Method, prior: str, m=10, seed: int 
 # --------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=16)
 def batch_rows(seed: int, num_examples: int, batch_size: int, num_steps: int) -> np.ndarray:
-    """Row indices ``[num_steps, batch_size]``: a fresh permutation per epoch, remainder dropped.
+    """Row indices ``[num_steps, batch_size]`` of the batches the trainer would draw (cached; read-only).
 
-    Drawn on the host (numpy, seeded by ``(seed, epoch)``) and fed to the compiled trainer.
+    They come from :meth:`softnce.data.arrays.ArrayDataset.train_batches` itself (a fresh
+    permutation per epoch seeded by ``(seed, epoch)``, remainder dropped), run over the row
+    numbers, so a vmapped run sees exactly the batches of ``softnce.main`` with the same seed.
     """
-    steps_per_epoch = num_examples // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch size {batch_size} exceeds the {num_examples} training examples.")
-    epochs = -(-num_steps // steps_per_epoch)
-    perms = [np.random.default_rng([seed, e]).permutation(num_examples) for e in range(epochs)]
-    rows = np.stack(perms)[:, : steps_per_epoch * batch_size].reshape(-1, batch_size)[:num_steps]
-    return rows.astype(np.int32)
+    row_ids = ArrayDataset(
+        np.arange(num_examples, dtype=np.float32)[:, None], np.zeros(num_examples, np.int32),
+        np.zeros((1, 1), np.float32), np.zeros(1, np.int32), num_classes=1,
+    )
+    batches = row_ids.train_batches(batch_size, seed=seed)
+    rows = np.stack([next(batches)["inputs"][:, 0] for _ in range(num_steps)]).astype(np.int32)
+    rows.flags.writeable = False
+    return rows
 
 
 def make_train_fn(config) -> Callable:
@@ -462,7 +467,7 @@ def run_experiment(settings: Settings = FULL, out_dir: Optional[str] = None, log
                 train_fns[method.loss] = make_train_fn(config)
             seeds = np.tile(np.arange(settings.seeds), len(run_ms))
             rngs = jax.vmap(jax.random.PRNGKey)(seeds)
-            rows_ = np.stack([batch_rows(s, config.data.num_train, config.data.batch_size, num_steps) for s in seeds])
+            rows_ = np.stack([batch_rows(int(s), config.data.num_train, config.data.batch_size, num_steps) for s in seeds])
             params, loss_curves = train_fns[method.loss](rngs, data, rows_, log_etas)
             inputs = [np.concatenate([d.val.inputs, d.test.inputs, grid]) for d in datas] * len(run_ms)
             logits = np.asarray(apply_fn(params, np.stack(inputs)), np.float64)

@@ -252,5 +252,5 @@ def test_batch_rows_are_epoch_permutations():
         block = rows[3 * epoch : 3 * epoch + 3].ravel()
         assert len(set(block.tolist())) == 96  # no repeats within an epoch
     assert not np.array_equal(rows[:3], rows[3:6])
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(ValueError, match="larger than the training set"):
         te.batch_rows(seed=0, num_examples=10, batch_size=32, num_steps=1)
