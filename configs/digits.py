@@ -34,20 +34,10 @@ def get_config(arg=None):
         dict(name=args["loss"], temperature=1.0, noise_prior="class_prior", prior_smoothing=0.0)
     )
     soft = {"auto": args["loss"] not in HARD_LABEL_LOSSES, "on": True, "off": False}[args["augment"]]
-    config.augment = ml_collections.ConfigDict(
-        dict(
-            label_smoothing=0.1 if soft else 0.0,
-            mixup_alpha=0.8 if soft else 0.0,
-            cutmix_alpha=1.0 if soft else 0.0,
-            mix_prob=0.8,
-            switch_prob=0.5,
-            mode="batch",
-            structured=True,
-        )
-    )
+    config.augment = config_utils.augment_config(soft)
     config.optim = ml_collections.ConfigDict(
         dict(base_lr=2e-3, min_lr=1e-6, warmup_steps=50, b1=0.9, b2=0.999, weight_decay=0.05,
              grad_clip_norm=None, layer_decay=None)
     )
-    config.init = ml_collections.ConfigDict(dict(checkpoint=None, pretrained=None))
+    config.init = config_utils.init_config()
     return config

@@ -45,13 +45,10 @@ def get_config(arg=None):
         dict(name=args["loss"], temperature=1.0, noise_prior=args["noise_prior"], prior_smoothing=0.0)
     )
     # The targets come with the data (annotator votes): no smoothing or mixing.
-    config.augment = ml_collections.ConfigDict(
-        dict(label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=0.0, switch_prob=0.5, mode="batch",
-             structured=False)
-    )
+    config.augment = config_utils.augment_config(soft=False)
     config.optim = ml_collections.ConfigDict(
         dict(base_lr=3e-3, min_lr=1e-5, warmup_steps=50, b1=0.9, b2=0.999, weight_decay=0.01,
              grad_clip_norm=None, layer_decay=None)
     )
-    config.init = ml_collections.ConfigDict(dict(checkpoint=None, pretrained=None))
+    config.init = config_utils.init_config()
     return config

@@ -62,34 +62,22 @@ def get_config(arg=None):
     config.max_checkpoints = 2
 
     config.data = ml_collections.ConfigDict(dict(
-        name=args["dataset"], batch_size=args["batch"], eval_batch_size=args["batch"], data_dir=_none(str),
-        image_size=224, train_split=_none(str), eval_split=_none(str), num_train_examples=_none(int),
-        num_eval_examples=_none(int), randaugment="rand-m9-mstd0.5-inc1", random_erasing_prob=0.25,
-        shuffle_buffer=16_384, cache=False, cache_dir=_none(str), num_shards=_none(int),
+        name=args["dataset"], batch_size=args["batch"], eval_batch_size=args["batch"], data_dir=config_utils.none(str),
+        image_size=224, train_split=config_utils.none(str), eval_split=config_utils.none(str), num_train_examples=config_utils.none(int),
+        num_eval_examples=config_utils.none(int), randaugment="rand-m9-mstd0.5-inc1", random_erasing_prob=0.25,
+        shuffle_buffer=16_384, cache=False, cache_dir=config_utils.none(str), num_shards=config_utils.none(int),
     ))
     config.model = ml_collections.ConfigDict(dict(name=args["model"], drop_path_rate=0.1, dtype="bfloat16"))
     config.loss = ml_collections.ConfigDict(
         dict(name=args["loss"], temperature=1.0, noise_prior="class_prior", prior_smoothing=0.0)
     )
-    config.augment = ml_collections.ConfigDict(dict(
-        label_smoothing=0.1 if soft else 0.0,
-        mixup_alpha=0.8 if soft else 0.0,
-        cutmix_alpha=1.0 if soft else 0.0,
-        mix_prob=0.8,
-        switch_prob=0.5,
-        mode="batch",
-        structured=True,
-    ))
+    config.augment = config_utils.augment_config(soft)
     sti = args["loss"].startswith("soft_target_infonce")
     config.optim = ml_collections.ConfigDict(dict(
         base_lr=STI_BASE_LR[args["dataset"]] if sti else BASELINE_BASE_LR,
         min_lr=1e-6, warmup_steps=5 * steps_per_epoch, b1=0.9, b2=0.999, weight_decay=0.05,
         grad_clip_norm=None, layer_decay=0.65,
     ))
-    config.init = ml_collections.ConfigDict(dict(checkpoint=_none(str), pretrained=_none(str)))
+    config.init = config_utils.init_config()
     return config
 
-
-def _none(field_type):
-    """A ``None`` default that ``--config.<field>=value`` can still override (typed placeholder)."""
-    return ml_collections.FieldReference(None, field_type=field_type)
