@@ -45,6 +45,19 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = N
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def restore_on_this_host(manager: ocp.CheckpointManager, step: Optional[int] = None) -> Any:
+    """The whole saved tree of ``step`` (default: latest) on this process's first device.
+
+    Works whatever topology saved it (e.g. a 2-process run read by one process): where the stored
+    shardings name devices this process does not have, a single-device sharding is used.
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no finished checkpoint in {manager.directory}.")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return manager.restore(step, args=ocp.args.StandardRestore(fallback_sharding=device))
+
+
 def restore_params(path: str | os.PathLike, target_params: Any) -> Any:
     """Loads only the ``params`` of the latest step in a trainer checkpoint directory (``.../checkpoints``).
 
@@ -58,6 +71,5 @@ def restore_params(path: str | os.PathLike, target_params: Any) -> Any:
             f"config.init.checkpoint='{path}' holds no finished checkpoint; give the 'checkpoints' "
             "directory inside an earlier run's workdir."
         )
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
-    params = restored["params"]
+    params = restore_on_this_host(manager, step)["params"]
     return jax.tree.map(lambda t, x: jax.numpy.asarray(x, t.dtype).reshape(t.shape), target_params, params)
