@@ -100,3 +100,10 @@ def test_unprepared_data_is_a_clear_error_before_any_work(tmp_path):
     message = str(error.value)
     assert "ILSVRC2012_img_train.tar" in message and "python -m softnce.data.images --name imagenet2012" in message
     assert not workdir.exists()  # no workdir, no checkpoints directory
+
+
+def test_workdir_paths_keep_urls_and_absolutise_local_paths(tmp_path, monkeypatch):
+    url = checkpointing.resolve("gs://bucket/runs/a") / "checkpoints"
+    assert os.fspath(url) == "gs://bucket/runs/a/checkpoints"
+    monkeypatch.chdir(tmp_path)
+    assert os.fspath(checkpointing.resolve("runs/a")) == os.path.join(str(tmp_path), "runs", "a")
