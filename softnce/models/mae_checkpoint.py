@@ -296,8 +296,10 @@ def save_pretrained_params(path: str | os.PathLike, params: Params) -> None:
     """Writes a (converted) ``params`` tree to a new orbax checkpoint directory ``path``."""
     import orbax.checkpoint as ocp
 
+    from softnce.checkpointing import resolve
+
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(path), params)
+    checkpointer.save(resolve(path), params)
     checkpointer.wait_until_finished()
 
 
@@ -305,10 +307,12 @@ def load_pretrained_params(path: str | os.PathLike) -> Params:
     """Restores a tree written by :func:`save_pretrained_params` as host numpy arrays."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(path)
-    if not os.path.isdir(directory):
+    from softnce.checkpointing import resolve
+
+    directory = resolve(path)  # local paths or gs:// buckets
+    if not directory.is_dir():
         raise FileNotFoundError(
-            f"load_pretrained_params: no checkpoint directory at {directory!r}; create it with "
+            f"load_pretrained_params: no checkpoint directory at {str(directory)!r}; create it with "
             "experiments/convert_mae_checkpoint.py --input mae_pretrain_vit_base.pth --output DIR."
         )
     checkpointer = ocp.StandardCheckpointer()
