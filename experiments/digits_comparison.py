@@ -40,9 +40,10 @@ def markdown_table(results: dict) -> str:
     ]
     for loss, runs in results.items():
         cols = []
-        for key, scale in (("top1", 100), ("ece", 100), ("nll", 1)):
+        for key, scale, digits in (("top1", 100, 2), ("ece", 100, 2), ("nll", 1, 3)):
             values = np.array([r[key] for r in runs["metrics"]]) * scale
-            cols.append(f"{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0:.2f}")
+            spread = values.std(ddof=1) if len(values) > 1 else 0.0
+            cols.append(f"{values.mean():.{digits}f} ± {spread:.{digits}f}")
         lines.append(f"| {loss} | {runs['targets']} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
