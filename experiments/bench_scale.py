@@ -48,7 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from experiments.bench_losses import machine_description  # noqa: E402
+from experiments.bench_losses import _mem_available_bytes, machine_description  # noqa: E402
 from softnce import losses, targets  # noqa: E402
 
 VARIANTS = ("optax_ce", "dense_sti", "structured_sti", "blockwise_sti")
@@ -117,14 +117,6 @@ def _timed(fn, args) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return time.perf_counter() - start
-
-
-def _mem_available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def memory_of(compiled) -> dict:

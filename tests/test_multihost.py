@@ -57,12 +57,7 @@ def _launch(data_dir, workdir, log, *flags):
 def _in_process_config(data_dir):
     config = vit_finetune.get_config(CONFIG.split(":", 1)[1])
     config.data.data_dir = data_dir
-    for key, value in OVERRIDES.items():
-        *parents, leaf = key.split(".")
-        target = config
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
+    config.update_from_flattened_dict(OVERRIDES)
     return config
 
 

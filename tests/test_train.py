@@ -32,12 +32,7 @@ def small_config(**overrides):
     config.model.hidden_sizes = (32,)
     config.optim.warmup_steps = 2
     config.optim.base_lr = 2e-2
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 
