@@ -160,10 +160,13 @@ def _layer_structure(model) -> dict:
     return {}
 
 
-def initial_params(config: ml_collections.ConfigDict, model, example_shape, rng) -> Any:
-    """Fresh params, replaced by ``config.init.checkpoint`` or ``config.init.pretrained`` if given."""
+def initial_params(config: ml_collections.ConfigDict, model, example_shape, rng, *, use_init: bool = True) -> Any:
+    """Fresh params, replaced by ``config.init.checkpoint`` or ``config.init.pretrained`` if given.
+
+    ``use_init=False`` skips both (a resumed run restores its own checkpoint instead).
+    """
     params = model.init(rng, jnp.zeros((1, *example_shape), jnp.float32), train=False)["params"]
-    init = config.get("init", ml_collections.ConfigDict())
+    init = config.get("init", ml_collections.ConfigDict()) if use_init else ml_collections.ConfigDict()
     if init.get("checkpoint"):
         return checkpointing.restore_params(init.checkpoint, params)
     if init.get("pretrained"):
@@ -173,9 +176,9 @@ def initial_params(config: ml_collections.ConfigDict, model, example_shape, rng)
     return params
 
 
-def create_train_state(config, model, example_shape, rng, mesh: Mesh, global_batch: int):
+def create_train_state(config, model, example_shape, rng, mesh: Mesh, global_batch: int, *, use_init: bool = True):
     """The replicated initial ``TrainState`` and the learning-rate schedule."""
-    params = initial_params(config, model, example_shape, rng)
+    params = initial_params(config, model, example_shape, rng, use_init=use_init)
     tx, schedule = optim.make_optimizer(
         config.optim, params, global_batch=global_batch, total_steps=config.num_train_steps,
         **_layer_structure(model),
@@ -244,6 +247,34 @@ def _check_finite(history: list[tuple[int, dict]], last_saved: Optional[int], ck
     return [m for _, m in fetched]
 
 
+def _log_train_metrics(history, *, step, schedule, writer, progress, is_chief, last_saved, manager, ckpt_dir) -> None:
+    """Checks the pending step metrics for non-finite values, then logs their mean.
+
+    On a non-finite value the last good (possibly still asynchronous) save is finished before the
+    ``FloatingPointError`` propagates, so it stays the latest checkpoint.
+    """
+    try:
+        fetched = _check_finite(history, last_saved, ckpt_dir)
+    except FloatingPointError:
+        manager.wait_until_finished()
+        writer.flush()
+        raise
+    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+    mean["learning_rate"] = float(schedule(step - 1))
+    writer.write_scalars(step, {f"train/{k}": v for k, v in mean.items()})
+    if is_chief:
+        print(progress.line(step, mean), flush=True)
+
+
+def _write_results(workdir, config, summary: dict, sums: dict) -> None:
+    """``metrics.json``, ``eval_sums.json`` and ``reliability.png`` in ``workdir`` (process 0 only)."""
+    _write_json(workdir / "metrics.json", summary)
+    _write_json(workdir / "eval_sums.json", {k: np.asarray(v).tolist() for k, v in sums.items()})
+    evaluation.plot_reliability_diagram(
+        {config.loss.name: sums}, str(workdir / "reliability.png"), title=config.data.name
+    )
+
+
 def _write_json(path, obj) -> None:
     """Writes ``obj`` as JSON to ``path`` (an ``epath.Path``: local or ``gs://``)."""
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
@@ -256,8 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     would (the schedule still follows ``config.num_train_steps``); running again resumes.
 
     Writes ``config.json``, TensorBoard scalars, ``checkpoints/``, ``metrics.json``,
-    ``eval_sums.json`` (the calibration-bin sums) and ``reliability.png`` to ``workdir`` (process 0). Raises ``FloatingPointError`` on a non-finite
-    loss, keeping the last good checkpoint.
+    ``eval_sums.json`` (the calibration-bin sums) and ``reliability.png`` to ``workdir`` (process 0).
+    Raises ``FloatingPointError`` on a non-finite loss, keeping the last good checkpoint.
     """
     from clu import metric_writers
 
@@ -282,15 +313,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     init_rng, train_rng = jax.random.split(rng)
     ckpt_dir = str(workdir / "checkpoints")
     manager = checkpointing.make_manager(ckpt_dir, max_to_keep=config.get("max_checkpoints", 3))
-    if manager.latest_step() is not None:  # resume: no need for pretrained weights
-        config = config.copy_and_resolve_references()
-        with config.unlocked():
-            config.init = ml_collections.ConfigDict({"checkpoint": None, "pretrained": None})
-    state, schedule = create_train_state(config, model, dataset.example_shape, init_rng, mesh, config.data.batch_size)
-    if manager.latest_step() is not None:
-        state = checkpointing.restore(manager, state)
-    start_step = int(state.step)
     last_saved = manager.latest_step()
+    resuming = last_saved is not None  # then neither init.checkpoint nor init.pretrained is read
+    state, schedule = create_train_state(
+        config, model, dataset.example_shape, init_rng, mesh, config.data.batch_size, use_init=not resuming
+    )
+    if resuming:
+        state = checkpointing.restore(manager, state, last_saved)
+    start_step = int(state.step)
 
     step_fn = make_sharded_train_step(
         mesh, loss_fn=loss_spec.fn, num_classes=dataset.num_classes, mix_config=mix_config,
@@ -313,24 +343,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
             preempted = preempted or step == stop_at_step
             save_now = is_last or preempted or step % config.checkpoint_every_steps == 0
             if save_now or step % config.log_every_steps == 0:
-                try:
-                    fetched = _check_finite(history, last_saved, ckpt_dir)
-                except FloatingPointError:
-                    manager.wait_until_finished()  # let the last good save finish before stopping
-                    writer.flush()
-                    raise
+                _log_train_metrics(
+                    history, step=step, schedule=schedule, writer=writer, progress=progress, is_chief=is_chief,
+                    last_saved=last_saved, manager=manager, ckpt_dir=ckpt_dir,
+                )
                 history = []
-                mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-                mean["learning_rate"] = float(schedule(step - 1))
-                writer.write_scalars(step, {f"train/{k}": v for k, v in mean.items()})
-                if is_chief:
-                    print(progress.line(step, mean), flush=True)
             if save_now:
                 checkpointing.save(manager, step, state)
                 last_saved = step
             if preempted and not is_last:
                 manager.wait_until_finished()
-                print(f"stopped at step {step} (preempted or stop_at_step); saved to {ckpt_dir}; rerun the same command to resume.", flush=True)
+                if is_chief:
+                    print(f"stopped at step {step} (preempted or stop_at_step); saved to {ckpt_dir}; "
+                          "rerun the same command to resume.", flush=True)
                 writer.flush()
                 return {"preempted_at_step": step}
             if is_last or step % config.eval_every_steps == 0:
@@ -341,12 +366,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     manager.wait_until_finished()
     if not summary:  # the run had already finished: evaluate the restored state
         summary, sums = evaluate(eval_fn, state.params, dataset, mesh, local_eval_batch)
+    summary = dict(summary, step=int(state.step))
     if is_chief:
-        summary = dict(summary, step=int(state.step))
-        _write_json(workdir / "metrics.json", summary)
-        _write_json(workdir / "eval_sums.json", {k: np.asarray(v).tolist() for k, v in sums.items()})
-        evaluation.plot_reliability_diagram(
-            {config.loss.name: sums}, str(workdir / "reliability.png"), title=config.data.name
-        )
+        _write_results(workdir, config, summary, sums)
     writer.flush()
     return summary
