@@ -458,6 +458,11 @@ class LossInputs(NamedTuple):
     axis_name: Optional[str] = None
     structured_targets: Optional[object] = None
 
+    @property
+    def contrastive_options(self) -> dict:
+        """The keyword arguments of the InfoNCE-type losses: prior, temperature and mesh axis."""
+        return dict(log_noise_probs=self.log_noise_probs, temperature=self.temperature, axis_name=self.axis_name)
+
 
 LossFn = Callable[[Array, LossInputs], Array]
 
@@ -505,52 +510,29 @@ def _soft_ce(logits, inputs: LossInputs):
 
 @register_loss("infonce", uses_noise_prior=True)
 def _infonce(logits, inputs: LossInputs):
-    return infonce(
-        logits,
-        inputs.labels,
-        log_noise_probs=inputs.log_noise_probs,
-        temperature=inputs.temperature,
-        axis_name=inputs.axis_name,
-    )
+    return infonce(logits, inputs.labels, **inputs.contrastive_options)
 
 
 @register_loss("soft_target_infonce", uses_noise_prior=True)
 def _sti(logits, inputs: LossInputs):
     # Structured targets (from MixUp/CutMix) give the same values with O(M k) communication.
-    kwargs = dict(
-        log_noise_probs=inputs.log_noise_probs,
-        temperature=inputs.temperature,
-        axis_name=inputs.axis_name,
-    )
     if inputs.structured_targets is not None:
-        return structured_soft_target_infonce(logits, inputs.structured_targets, **kwargs)
-    return soft_target_infonce(logits, inputs.targets, **kwargs)
+        return structured_soft_target_infonce(logits, inputs.structured_targets, **inputs.contrastive_options)
+    return soft_target_infonce(logits, inputs.targets, **inputs.contrastive_options)
 
 
 @register_loss("soft_target_infonce_blockwise", uses_noise_prior=True)
 def _sti_blockwise(logits, inputs: LossInputs):
     # Dense STI with O(N * BLOCKWISE_BLOCK_SIZE) memory (set the module constant to change the block).
     return blockwise_soft_target_infonce(
-        logits,
-        inputs.targets,
-        log_noise_probs=inputs.log_noise_probs,
-        temperature=inputs.temperature,
-        axis_name=inputs.axis_name,
-        block_size=BLOCKWISE_BLOCK_SIZE,
+        logits, inputs.targets, block_size=BLOCKWISE_BLOCK_SIZE, **inputs.contrastive_options
     )
 
 
 @register_loss("soft_distribution_infonce", uses_noise_prior=True)
 def _sampled_infonce(logits, inputs: LossInputs):
     # inputs.rng is already distinct per device, so no further fold-in (axis_name=None for sampling).
-    labels = sample_hard_labels(inputs.rng, inputs.targets)
-    return infonce(
-        logits,
-        labels,
-        log_noise_probs=inputs.log_noise_probs,
-        temperature=inputs.temperature,
-        axis_name=inputs.axis_name,
-    )
+    return infonce(logits, sample_hard_labels(inputs.rng, inputs.targets), **inputs.contrastive_options)
 
 
 @register_loss("soft_distribution_infonce_premix", uses_noise_prior=True)
