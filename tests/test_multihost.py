@@ -41,7 +41,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(data_dir, workdir, log, *flags):
+def _launch(data_dir, workdir, log, env, *flags):
     """The CLI in a subprocess with 4 CPU devices; output goes to ``log``."""
     args = [
         sys.executable, os.path.join(REPO, "tests", "mock_launch.py"),
@@ -49,8 +49,6 @@ def _launch(data_dir, workdir, log, *flags):
         f"--config.data.data_dir={data_dir}", *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
         f"--workdir={workdir}", "--num_cpu_devices=4", *flags,
     ]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
 
 
@@ -77,14 +75,14 @@ def _final_params(workdir):
     return manager.latest_step(), checkpointing.restore_on_this_host(manager)["params"]
 
 
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process(tmp_path, cli_env):
     data_dir = str(tmp_path / "data")
     mock_launch.write_metadata(data_dir)  # before the processes start: no race on the metadata
     single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
     address = f"127.0.0.1:{_free_port()}"
     logs = [str(tmp_path / f"process{i}.log") for i in (0, 1)]
     multi = [
-        _launch(data_dir, multi_dir, logs[i], f"--coordinator_address={address}", "--num_processes=2",
+        _launch(data_dir, multi_dir, logs[i], cli_env, f"--coordinator_address={address}", "--num_processes=2",
                 f"--process_id={i}")
         for i in (0, 1)
     ]
@@ -129,9 +127,9 @@ def test_two_processes_match_one_process(tmp_path):
                               os.path.basename(events_multi)])
 
 
-def test_coordinator_without_process_flags_is_a_clear_error(tmp_path):
+def test_coordinator_without_process_flags_is_a_clear_error(tmp_path, cli_env):
     log = str(tmp_path / "log")
-    proc = _launch(str(tmp_path / "data"), str(tmp_path / "w"), log, "--coordinator_address=127.0.0.1:1")
+    proc = _launch(str(tmp_path / "data"), str(tmp_path / "w"), log, cli_env, "--coordinator_address=127.0.0.1:1")
     assert proc.wait(timeout=120) != 0
     out = open(log).read()
     assert "missing --num_processes, --process_id" in out

@@ -203,17 +203,15 @@ def test_notebook_runs(tmp_path, monkeypatch):
     assert "Bayes accuracy" in outputs and str(tmp_path / "run") in outputs
 
 
-def test_config_runs_through_the_entry_point_and_matches_the_vmapped_trainer(tmp_path):
+def test_config_runs_through_the_entry_point_and_matches_the_vmapped_trainer(tmp_path, cli_env):
     # The real trainer (softnce.main, one device) and the experiment's jit(vmap(scan(train_step)))
     # see the same data, batch order (ArrayDataset's per-epoch permutation), initial params and
     # optimiser, and STI is deterministic, so after 20 steps their params must agree to float
     # round-off. Warm-up 2 steps so the params move by ~1e-2, far above the tolerance.
     arg = "prior=imbalanced,annotators=3,loss=soft_target_infonce,steps=20"
     overrides = ["--config.log_every_steps=10", "--config.data.num_test=2000", "--config.optim.warmup_steps=2"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     cmd = [sys.executable, "-m", "softnce.main", f"--config=configs/toy.py:{arg}", *overrides, f"--workdir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "step 20/20" in proc.stdout and "ETA" in proc.stdout
     metrics = json.load(open(tmp_path / "metrics.json"))

@@ -42,14 +42,12 @@ def latest_params(workdir):
     return step, manager.restore(step, args=ocp.args.StandardRestore())["params"]
 
 
-def run_cli(args, devices, workdir, **popen):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+def run_cli(args, devices, workdir, env, **popen):
     cmd = [sys.executable, "-m", "softnce.main", *args, f"--num_cpu_devices={devices}", f"--workdir={workdir}"]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def test_entry_point_same_result_on_1_and_8_devices(tmp_path):
+def test_entry_point_same_result_on_1_and_8_devices(tmp_path, cli_env):
     # Deterministic targets (label smoothing, no mixing) so 1 and 8 devices see the same global batch.
     args = [
         "--config=configs/digits.py:loss=soft_target_infonce,steps=6,augment=off",
@@ -59,7 +57,7 @@ def test_entry_point_same_result_on_1_and_8_devices(tmp_path):
         "--config.checkpoint_every_steps=3",
         "--config.eval_every_steps=6",
     ]
-    procs = {n: run_cli(args, n, str(tmp_path / f"dev{n}")) for n in (1, 8)}
+    procs = {n: run_cli(args, n, str(tmp_path / f"dev{n}"), cli_env) for n in (1, 8)}
     outputs = {n: p.communicate(timeout=240)[0] for n, p in procs.items()}
     for n, p in procs.items():
         assert p.returncode == 0, outputs[n]
@@ -92,11 +90,11 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert resumed["top1"] == straight["top1"]
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, cli_env):
     workdir = str(tmp_path / "run")
     args = ["--config=configs/digits.py:loss=infonce,steps=3000", "--config.log_every_steps=5",
             "--config.checkpoint_every_steps=1000000", "--config.eval_every_steps=1000000"]
-    proc = run_cli(args, 2, workdir)
+    proc = run_cli(args, 2, workdir, cli_env)
     seen = []
     for line in proc.stdout:
         seen.append(line)
