@@ -49,8 +49,7 @@ if REPO not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy.optimize import minimize_scalar  # noqa: E402
-from scipy.special import log_softmax, logsumexp  # noqa: E402
+from scipy.special import log_softmax  # noqa: E402
 
 from configs import toy as toy_config  # noqa: E402
 from softnce import evaluation, losses, models, optim, targets, train  # noqa: E402
@@ -218,28 +217,12 @@ def mean_kl(log_p: np.ndarray, logits: np.ndarray, temperature: float = 1.0) -> 
     return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """``t`` minimising the NLL of ``softmax(z / t)`` on ``labels`` (bounded Brent on ``beta = 1/t``).
-
-    ``NLL(beta) = mean_i [logsumexp(beta z_i) - beta z_i[y_i]]`` is convex in ``beta``, so the
-    local minimum the search returns is the global one on ``[1e-3, 50]``.
-    """
-    z = np.asarray(logits, np.float64)
-    z_label = np.take_along_axis(z, np.asarray(labels)[:, None], axis=1)[:, 0]
-
-    def nll(beta):
-        return float(np.mean(logsumexp(beta * z, axis=1) - beta * z_label))
-
-    result = minimize_scalar(nll, bounds=(1e-3, 50.0), method="bounded", options={"xatol": 1e-5})
-    return float(1.0 / result.x)
-
-
 _metric_sums = jax.jit(lambda z, y, t: evaluation.metric_sums(z, y, temperature=t))
 
 
 def run_metrics(data: toy.ToyData, val_logits: np.ndarray, test_logits: np.ndarray) -> tuple[dict, dict, dict]:
     """Metrics of one trained model; returns ``(metrics, sums at t=1, sums at the fitted t)``."""
-    t_fit = fit_temperature(val_logits, data.val.labels)
+    t_fit = evaluation.fit_temperature(val_logits, data.val.labels)
     log_p = data.test.log_posterior
     sums = {t: jax.device_get(_metric_sums(test_logits, data.test.labels, t)) for t in (1.0, t_fit)}
     raw, cal = evaluation.summarize(sums[1.0]), evaluation.summarize(sums[t_fit])

@@ -96,6 +96,35 @@ def summarize(sums: dict) -> dict[str, float]:
     }
 
 
+def fit_temperature(logits, labels, *, bounds: tuple[float, float] = (1e-3, 50.0)) -> float:
+    """The temperature ``t`` minimising the NLL of ``softmax(z / t)`` on hard ``labels`` (post-hoc scaling).
+
+    With ``beta = 1 / t`` the NLL ``mean_i [logsumexp_c(beta z_ic) - beta z_i,y_i]`` is convex in
+    ``beta`` (a log-sum-exp of linear functions minus a linear function), so scipy's bounded Brent
+    search on ``beta in bounds`` returns the global minimum there. Computed in float64.
+
+    Args:
+      logits: ``[n, C]`` (already divided by nothing: raw model outputs); labels: int ``[n]``.
+
+    Returns:
+      ``t = 1 / beta*`` as a Python float.
+    """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import logsumexp
+
+    z = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    if z.ndim != 2 or labels.shape != (z.shape[0],) or z.shape[0] == 0:
+        raise ValueError(f"fit_temperature needs logits [n, C] and labels [n] with n > 0, got {z.shape} and {labels.shape}.")
+    z_label = np.take_along_axis(z, labels[:, None].astype(np.int64), axis=1)[:, 0]
+
+    def nll(beta):
+        return float(np.mean(logsumexp(beta * z, axis=1) - beta * z_label))
+
+    result = minimize_scalar(nll, bounds=bounds, method="bounded", options={"xatol": 1e-6})
+    return float(1.0 / result.x)
+
+
 def plot_reliability_diagram(sums_by_name: dict[str, dict], path: str, *, title: str = "") -> str:
     """Writes a reliability diagram PNG (accuracy and mean confidence per bin, one panel per run).
 

@@ -68,3 +68,12 @@ def test_reliability_diagram_png_and_empty_eval_error(tmp_path):
     empty = evaluation.add_sums(None, evaluation.metric_sums(jnp.log(PROBS), LABELS, np.zeros(6, bool)))
     with pytest.raises(ValueError, match="no examples"):
         evaluation.summarize(empty)
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    # Labels drawn from softmax(z / 2): the NLL-optimal temperature is ~2 (20,000 draws).
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(20_000, 3)) * 3
+    p = np.exp(z / 2) / np.exp(z / 2).sum(1, keepdims=True)
+    labels = (rng.random((20_000, 1)) > p.cumsum(1)[:, :-1]).sum(1)
+    assert evaluation.fit_temperature(z, labels) == pytest.approx(2.0, rel=0.05)

@@ -164,15 +164,6 @@ def test_oracle_soft_ce_recovers_the_posterior(reduced_run):
     assert nll_gap == pytest.approx(oracle, abs=0.03)
 
 
-def test_fit_temperature_recovers_a_known_temperature():
-    # Labels drawn from softmax(z / 2): the NLL-optimal temperature is ~2 (20,000 draws).
-    rng = np.random.default_rng(4)
-    z = rng.normal(size=(20_000, 3)) * 3
-    p = np.exp(z / 2) / np.exp(z / 2).sum(1, keepdims=True)
-    labels = (rng.random((20_000, 1)) > p.cumsum(1)[:, :-1]).sum(1)
-    assert te.fit_temperature(z, labels) == pytest.approx(2.0, rel=0.05)
-
-
 # --------------------------------------------------------------------------------------------------
 # The notebook and the real entry point.
 # --------------------------------------------------------------------------------------------------
