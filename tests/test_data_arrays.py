@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from softnce.data.arrays import ArrayDataset
+from softnce.data.arrays import ArrayDataset, carve_validation
 from softnce.data.digits import load_digits_split
 
 
@@ -56,3 +56,29 @@ def test_errors_and_digits_split():
     assert x.shape == (1257, 8, 8, 1) and xt.shape == (540, 8, 8, 1)
     assert 0.0 <= x.min() and x.max() <= 1.0
     assert np.bincount(yt).min() >= 50  # stratified split: every class in the test set
+
+
+def test_carve_validation_holds_out_a_seeded_fraction_never_trained_on():
+    x = np.arange(100, dtype=np.float32)[:, None]
+    y = np.arange(100) % 10
+    x_tr, y_tr, x_val, y_val = carve_validation(x, y, 0.2, seed=3)
+    assert len(y_val) == 20 and len(y_tr) == 80
+    assert set(x_tr[:, 0]).isdisjoint(x_val[:, 0]) and len(set(x_tr[:, 0]) | set(x_val[:, 0])) == 100
+    assert np.array_equal(y_val, x_val[:, 0].astype(int) % 10)  # rows stay paired
+    again = carve_validation(x, y, 0.2, seed=3)[2]
+    other = carve_validation(x, y, 0.2, seed=4)[2]
+    assert np.array_equal(again, x_val) and not np.array_equal(other, x_val)
+    assert len(carve_validation(x, y, 0.0, seed=3)[3]) == 0
+    with pytest.raises(ValueError, match="validation_fraction must be in"):
+        carve_validation(x, y, 1.0, seed=3)
+
+
+def test_validation_batches_cover_the_split_once_with_padding_masked():
+    x_tr, y_tr, x_val, y_val = carve_validation(np.arange(50.0)[:, None], np.arange(50) % 5, 0.3, seed=0)
+    data = ArrayDataset(x_tr, y_tr, x_tr[:4], y_tr[:4], num_classes=5, validation=(x_val, y_val))
+    assert data.num_validation_examples == 15
+    seen = np.concatenate([b["inputs"][b["mask"], 0] for b in data.validation_batches(4)])
+    assert np.array_equal(seen, x_val[:, 0])
+    no_val = ArrayDataset(x_tr, y_tr, x_tr[:4], y_tr[:4], num_classes=5)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        next(no_val.validation_batches(4))

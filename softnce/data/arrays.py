@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -24,6 +24,8 @@ class ArrayDataset(Dataset):
       num_classes: ``C``.
       train_targets: optional soft targets ``[n, C]`` given with the data (e.g. annotator votes);
         batches then carry ``targets`` and the trainer uses them instead of ``one_hot(label)``.
+      validation: optional ``(inputs, labels)`` held out from training (see :func:`carve_validation`),
+        served by :meth:`validation_batches`.
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class ArrayDataset(Dataset):
         *,
         num_classes: int,
         train_targets=None,
+        validation: Optional[Sequence] = None,
         process_index: int = 0,
         process_count: int = 1,
     ):
@@ -54,6 +57,15 @@ class ArrayDataset(Dataset):
         self.example_shape = tuple(self.train_inputs.shape[1:])
         self.num_train_examples = len(self.train_labels)
         self.num_eval_examples = len(self.eval_labels)
+        if validation is not None:
+            self.val_inputs = np.asarray(validation[0], np.float32)
+            self.val_labels = np.asarray(validation[1], np.int32)
+            if len(self.val_inputs) != len(self.val_labels) or self.val_inputs.shape[1:] != self.example_shape:
+                raise ValueError(
+                    f"validation inputs {self.val_inputs.shape} and labels {self.val_labels.shape} must have one "
+                    f"row per example and examples of shape {self.example_shape}."
+                )
+            self.num_validation_examples = len(self.val_labels)
         self.process_index = process_index
         self.process_count = process_count
 
@@ -88,10 +100,34 @@ class ArrayDataset(Dataset):
             step += 1
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        return self._padded_batches(self.eval_inputs, self.eval_labels, batch_size)
+
+    def validation_batches(self, batch_size: int) -> Iterator[Batch]:
+        if not self.num_validation_examples:
+            return super().validation_batches(batch_size)
+        return self._padded_batches(self.val_inputs, self.val_labels, batch_size)
+
+    def _padded_batches(self, inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> Iterator[Batch]:
+        """One pass in order; the last global batch padded with row 0 and ``mask`` False."""
         global_size = batch_size * self.process_count
-        num_batches = -(-self.num_eval_examples // global_size)
+        num_batches = -(-len(labels) // global_size)
         for b in range(num_batches):
             rows = np.arange(b * global_size, (b + 1) * global_size)[self._process_slice(global_size)]
-            valid = rows < self.num_eval_examples
+            valid = rows < len(labels)
             rows = np.where(valid, rows, 0)
-            yield {"inputs": self.eval_inputs[rows], "label": self.eval_labels[rows], "mask": valid}
+            yield {"inputs": inputs[rows], "label": labels[rows], "mask": valid}
+
+
+def carve_validation(inputs, labels, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Splits ``round(fraction * n)`` random examples (drawn with ``seed``) off a training set.
+
+    Returns ``(train_inputs, train_labels, val_inputs, val_labels)``; both parts keep the original
+    order. ``fraction = 0`` returns the data unchanged and an empty validation part.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"config.data.validation_fraction must be in [0, 1), got {fraction}.")
+    inputs, labels = np.asarray(inputs), np.asarray(labels)
+    num_val = int(round(fraction * len(labels)))
+    held_out = np.zeros(len(labels), bool)
+    held_out[np.random.default_rng(seed).permutation(len(labels))[:num_val]] = True
+    return inputs[~held_out], labels[~held_out], inputs[held_out], labels[held_out]

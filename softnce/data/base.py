@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import abc
-from typing import Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
 Batch = dict[str, np.ndarray]
+
+# ``f(keys [N], inputs [N, ...]) -> float32 inputs``: jittable, one PRNG key per example.
+DeviceTrainTransform = Callable[[Any, Any], Any]
+# ``f(inputs [N, ...]) -> float32 inputs``: jittable.
+DeviceEvalTransform = Callable[[Any], Any]
 
 
 class Dataset(abc.ABC):
@@ -16,12 +21,25 @@ class Dataset(abc.ABC):
     Batches are host numpy arrays of this process's share of the global batch:
     ``inputs`` float32 ``[B, *example_shape]``, ``label`` int32 ``[B]`` and, for evaluation,
     ``mask`` bool ``[B]`` (False on padding), with ``B = global_batch // process_count``.
+
+    The validation split (``num_validation_examples`` of them, possibly 0) is carved from the
+    training data (``config.data.validation_fraction``, ``config.data.validation_seed``): those
+    examples are never trained on, and the trainer fits its post-hoc temperature on them, so the
+    evaluation (test) split is never used to fit anything.
+
+    Per-example work can move onto the accelerators: ``device_train_transform(keys, inputs)`` (one
+    PRNG key per example, derived from the run key, the step and the example's index in the
+    global batch) and ``device_eval_transform(inputs)`` run inside the jitted, sharded steps on the
+    inputs as the host shipped them (e.g. uint8 crops). ``None`` (the default): inputs are final.
     """
 
     num_classes: int
     example_shape: tuple[int, ...]
     num_train_examples: int
     num_eval_examples: int
+    num_validation_examples: int = 0
+    device_train_transform: Optional[DeviceTrainTransform] = None
+    device_eval_transform: Optional[DeviceEvalTransform] = None
 
     @abc.abstractmethod
     def train_label_counts(self) -> np.ndarray:
@@ -42,3 +60,10 @@ class Dataset(abc.ABC):
 
         Every process yields the same number of batches, so collectives stay in step.
         """
+
+    def validation_batches(self, batch_size: int) -> Iterator[Batch]:
+        """One pass over the validation split, padded and masked like :meth:`eval_batches`."""
+        raise ValueError(
+            f"{type(self).__name__} has no validation split; set config.data.validation_fraction > 0 "
+            "(or 0 to skip the post-hoc temperature fit)."
+        )

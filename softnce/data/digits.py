@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from softnce.data.arrays import ArrayDataset
+from softnce.data.arrays import ArrayDataset, carve_validation
 
 TEST_FRACTION = 0.3
 SPLIT_SEED = 0
@@ -31,9 +31,12 @@ def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def make_digits_dataset(config: ml_collections.ConfigDict, *, process_index: int, process_count: int):
-    del config
+    """The 1,257 training images minus ``config.validation_fraction`` of them (the validation split)."""
     x_train, y_train, x_test, y_test = load_digits_split()
+    x_train, y_train, x_val, y_val = carve_validation(
+        x_train, y_train, config.get("validation_fraction", 0.0), config.get("validation_seed", 0)
+    )
     return ArrayDataset(
-        x_train, y_train, x_test, y_test, num_classes=10,
+        x_train, y_train, x_test, y_test, num_classes=10, validation=(x_val, y_val) if len(y_val) else None,
         process_index=process_index, process_count=process_count,
     )

@@ -188,11 +188,12 @@ def to_array_dataset(data: ToyData, m: Annotators, *, process_index: int = 0, pr
 
     Training batches carry ``label`` (the first vote, used by hard-label losses) and ``targets``
     (the ``m``-annotator soft targets, used by soft-target losses); evaluation is on the test split
-    with labels drawn from ``p(y | x)``.
+    and the post-hoc temperature is fitted on the validation split, both with labels drawn from ``p(y | x)``.
     """
     return ArrayDataset(
         data.train.inputs, data.train.labels, data.test.inputs, data.test.labels,
         num_classes=NUM_CLASSES, train_targets=soft_targets(data.train, m),
+        validation=(data.val.inputs, data.val.labels),
         process_index=process_index, process_count=process_count,
     )
 
