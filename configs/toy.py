@@ -47,7 +47,7 @@ def get_config(arg=None):
     # The targets come with the data (annotator votes): no smoothing or mixing.
     config.augment = config_utils.augment_config(soft=False)
     config.optim = ml_collections.ConfigDict(
-        dict(base_lr=3e-3, min_lr=1e-5, warmup_steps=50, b1=0.9, b2=0.999, weight_decay=0.01,
+        dict(base_lr=3e-3, min_lr=1e-5, warmup_steps=min(50, args["steps"] - 1), b1=0.9, b2=0.999, weight_decay=0.01,
              grad_clip_norm=None, layer_decay=None)
     )
     config.init = config_utils.init_config()

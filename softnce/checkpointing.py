@@ -2,13 +2,16 @@
 
 Orbax writes each step to a temporary directory and renames it only once complete, so an
 interrupted save is never listed as the latest step; ``latest_step`` and ``restore`` only ever see
-finished checkpoints.
+finished checkpoints. A finished checkpoint can still be damaged later (a disk or bucket error):
+:func:`restore_newest_intact` then falls back to the newest checkpoint that restores, and moves the
+damaged ones aside (never deletes them) to ``<checkpoints>.corrupt/<step>``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -43,6 +46,69 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = N
         raise FileNotFoundError(f"no finished checkpoint in {manager.directory}.")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def corrupt_dir(manager: ocp.CheckpointManager) -> epath.Path:
+    """Where damaged checkpoints of ``manager`` are moved: the sibling ``<directory>.corrupt``."""
+    directory = epath.Path(manager.directory)
+    return directory.parent / f"{directory.name}.corrupt"
+
+
+def restore_newest_intact(
+    manager: ocp.CheckpointManager,
+    target: Any,
+    *,
+    log: Callable[[str], None] = print,
+    is_chief: bool = True,
+    sync: Callable[[str], None] = lambda name: None,
+) -> tuple[Any, int]:
+    """Restores the newest checkpoint that can be restored, newest first.
+
+    Each checkpoint that fails is reported in one line (step and reason). If an older one then
+    restores, the newer damaged ones are moved to :func:`corrupt_dir` (by process 0, after
+    ``sync``) and ``manager`` is reloaded, so that later saves do not collide with them. If none
+    restores, nothing is moved and one ``RuntimeError`` names the directory.
+
+    Returns:
+      ``(state, step)``.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"no finished checkpoint in {manager.directory}.")
+    failed: list[int] = []
+    for step in steps:
+        try:
+            state = restore(manager, target, step)
+        except Exception as error:  # noqa: BLE001  (any failure to read a step means: try an older one)
+            reason = " ".join(f"{type(error).__name__}: {error}".split())
+            log(f"checkpoint at step {step} in {manager.directory} could not be restored ({reason[:300]})")
+            failed.append(step)
+            continue
+        if failed:
+            _move_aside(manager, failed, is_chief=is_chief, sync=sync, log=log)
+        return state, step
+    raise RuntimeError(
+        f"no checkpoint in {manager.directory} can be restored (tried steps {', '.join(map(str, steps))}; "
+        "the reasons are above). Move or delete that directory to start the run from scratch, or restore "
+        "an intact copy of it."
+    )
+
+
+def _move_aside(manager: ocp.CheckpointManager, steps: list[int], *, is_chief: bool, sync, log) -> None:
+    """Moves the checkpoints of ``steps`` into :func:`corrupt_dir` and reloads ``manager``."""
+    directory = epath.Path(manager.directory)
+    sync("softnce_checkpoint_fallback_before_move")
+    target_dir = corrupt_dir(manager)
+    if is_chief:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            destination = target_dir / str(step)
+            if destination.exists():
+                destination = target_dir / f"{step}.{int(time.time())}"
+            (directory / str(step)).rename(destination)
+            log(f"moved the damaged checkpoint of step {step} to {destination}")
+    sync("softnce_checkpoint_fallback_after_move")
+    manager.reload()
 
 
 def restore_on_this_host(manager: ocp.CheckpointManager, step: Optional[int] = None) -> Any:

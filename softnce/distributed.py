@@ -83,7 +83,9 @@ def check_batch_size(global_batch: int, mesh: Mesh, what: str = "config.data.bat
     """Checks that ``global_batch`` divides over devices and processes; returns the per-process share."""
     num_devices = mesh.devices.size
     if global_batch <= 0 or global_batch % num_devices:
-        raise ValueError(
+        from softnce.config_checks import ConfigError
+
+        raise ConfigError(
             f"{what}={global_batch} does not divide over the {num_devices} devices of the mesh; "
             f"use a multiple of {num_devices} (e.g. {max(1, global_batch // num_devices) * num_devices})."
         )

@@ -8,6 +8,7 @@ Cloud TPU pods, SLURM and Open MPI are detected automatically.
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -61,8 +62,14 @@ def main(argv) -> None:
     for module in _IMPORTS.value:
         importlib.import_module(module)  # e.g. a module of the user's that calls losses.register_loss
 
+    from softnce.config_checks import ConfigError
+
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as error:  # a bad config: one line, before any work was done
+        print(f"softnce: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,32 @@
 """The trainer: one optax train step, data-parallel over a one-axis device mesh, and the loop around it.
 
-``train_and_evaluate(config, workdir)`` is the library entry point (``softnce.main`` is its CLI).
+``train_and_evaluate(config, workdir)`` is the library entry point (``softnce.main`` is its CLI). It
+is :func:`set_up` (config checks, mesh, data, state, restore) followed by :func:`train_loop`.
+
 The per-device step runs under ``jax.shard_map`` over the mesh axis ``'data'``: every device makes
 its own soft targets (label smoothing, MixUp/CutMix) with its own randomness, computes the loss of
 its ``N`` examples against the targets of the global batch (``axis_name='data'``), and the
 gradients are averaged over devices (``pmean``), so the update is that of the global-batch mean loss.
 
-Start-up order: resume from ``workdir/checkpoints`` if it holds a checkpoint, else the params of
-``config.init.checkpoint`` (an earlier run), else ``config.init.pretrained`` (converted MAE weights
-without the head), else from scratch.
+Start-up order: resume from the newest intact checkpoint in ``workdir/checkpoints`` (a damaged newer
+one is reported and moved aside), else the params of ``config.init.checkpoint`` (an earlier run),
+else ``config.init.pretrained`` (converted MAE weights without the head), else from scratch.
+
+Dispatch: at most ``config.max_steps_in_flight`` train steps are dispatched ahead of the host (1 on
+CPU, 2 on accelerators by default), and nothing else with collectives is dispatched while a step is
+in flight. With jax 0.10's XLA:CPU, steps of a program with collectives left to queue up behind each
+other on simulated CPU devices stall in a collective rendezvous (``Termination timeout for all
+gather``, exit 134) in most 8-device runs; one step in flight on CPU avoids it at no cost there.
+
+Post-hoc calibration: at the end, one temperature ``t*`` is fitted on the validation split's NLL
+(:func:`softnce.evaluation.fit_temperature`; the test split is never used to fit anything), and the
+test metrics are reported at ``t*`` too: ``temperature``, ``nll_calibrated``, ``ece_calibrated``.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import json
 import signal
@@ -28,12 +42,14 @@ from flax.training import train_state
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from softnce import checkpointing, distributed, evaluation, losses, models, optim, targets
+from softnce import checkpointing, config_checks, distributed, evaluation, losses, models, optim, targets
 from softnce.data import DATASETS, get_dataset
-from softnce.data.base import Dataset
+from softnce.data.base import Dataset, DeviceEvalTransform, DeviceTrainTransform
+from softnce.watchdog import StepWatchdog
 
 TrainState = train_state.TrainState
 AXIS = distributed.DATA_AXIS
+INPUT_KEY_STREAM = 0x1A6  # folded into the step key for the per-example input-augmentation keys
 
 
 # --------------------------------------------------------------------------------------------------
@@ -48,6 +64,15 @@ def make_targets(rng, batch: dict, *, num_classes: int, mix_config: targets.MixC
     return targets.mix_batch(rng, batch["inputs"], batch["label"], num_classes=num_classes, config=mix_config)
 
 
+def example_keys(rng: jax.Array, num_examples: int, axis_name: Optional[str]) -> jax.Array:
+    """One key per example of this device, ``fold_in(rng, global index)`` ``[N]``.
+
+    The global index is ``device * N + i``, so an example gets the same key on 1 or 8 devices.
+    """
+    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * num_examples
+    return jax.vmap(functools.partial(jax.random.fold_in, rng))(offset + jnp.arange(num_examples))
+
+
 def train_step(
     state: TrainState,
     batch: dict,
@@ -59,18 +84,24 @@ def train_step(
     mix_config: targets.MixConfig,
     temperature: float,
     axis_name: Optional[str],
+    input_transform: Optional[DeviceTrainTransform] = None,
 ) -> tuple[TrainState, dict]:
     """One optimiser step on one device's share of the batch (pure; per-device code).
 
     Args:
       state: replicated train state. batch: ``inputs [N, ...]``, ``label [N]`` (and optionally
       ``targets [N, C]``). rng: the run's key (folded here with the step and the device index).
-      log_noise_probs: ``log(eta)`` ``[C]`` or ``None``.
+      log_noise_probs: ``log(eta)`` ``[C]`` or ``None``. input_transform: the dataset's
+      ``device_train_transform(keys [N], inputs) -> inputs`` (per-example keys, see
+      :func:`example_keys`), applied before the targets are made; ``None`` leaves inputs as they are.
 
     Returns:
       The new state and ``{'loss', 'grad_norm'}`` averaged over the global batch.
     """
     rng = jax.random.fold_in(rng, state.step)
+    if input_transform is not None:
+        keys = example_keys(jax.random.fold_in(rng, INPUT_KEY_STREAM), batch["inputs"].shape[0], axis_name)
+        batch = dict(batch, inputs=input_transform(keys, batch["inputs"]))
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     mix_rng, dropout_rng, loss_rng = jax.random.split(rng, 3)
@@ -87,11 +118,13 @@ def train_step(
 
     def mean_loss(params):
         logits = state.apply_fn({"params": params}, inputs, train=True, rngs={"dropout": dropout_rng})
-        return jnp.mean(loss_fn(logits, loss_inputs))
+        loss = jnp.mean(loss_fn(logits, loss_inputs))
+        # The global-batch mean. Under shard_map (check_vma on) the params are device-invariant, so
+        # their gradient is already summed over devices; a pmean of the gradients afterwards would
+        # leave that sum, num_devices times the gradient of the mean (tests/test_vit_gelu.py).
+        return loss if axis_name is None else jax.lax.pmean(loss, axis_name)
 
     loss, grads = jax.value_and_grad(mean_loss)(state.params)
-    if axis_name is not None:
-        loss, grads = jax.lax.pmean((loss, grads), axis_name)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.apply_gradients(grads=grads), metrics
 
@@ -103,43 +136,81 @@ def make_sharded_train_step(mesh: Mesh, **step_kwargs):
     return jax.jit(sharded, donate_argnums=(0,))
 
 
-def eval_step(params, batch: dict, *, apply_fn, temperature: float, axis_name: Optional[str]) -> dict:
-    """Per-device evaluation sums (see :func:`softnce.evaluation.metric_sums`), summed over devices."""
-    logits = apply_fn({"params": params}, batch["inputs"], train=False)
+def _eval_logits(params, batch: dict, *, apply_fn, input_transform: Optional[DeviceEvalTransform]):
+    inputs = batch["inputs"] if input_transform is None else input_transform(batch["inputs"])
+    return apply_fn({"params": params}, inputs, train=False)
+
+
+def eval_step(params, batch: dict, temperature, *, apply_fn, axis_name: Optional[str],
+              input_transform: Optional[DeviceEvalTransform] = None) -> dict:
+    """Per-device evaluation sums at ``temperature`` (see :func:`softnce.evaluation.metric_sums`), summed over devices."""
+    logits = _eval_logits(params, batch, apply_fn=apply_fn, input_transform=input_transform)
     sums = evaluation.metric_sums(logits, batch["label"], batch["mask"], temperature=temperature)
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
 
 def make_sharded_eval_step(mesh: Mesh, **step_kwargs):
+    """``(params, batch, temperature) -> sums``; the temperature is an argument (no recompilation)."""
     step = functools.partial(eval_step, axis_name=AXIS, **step_kwargs)
-    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P()))
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P()))
 
 
-def evaluate(eval_fn, params, dataset: Dataset, mesh: Mesh, batch_size: int) -> tuple[dict, dict]:
-    """One pass over the evaluation split; returns ``(summary, sums)`` (padding excluded)."""
+def make_sharded_logits_step(mesh: Mesh, **step_kwargs):
+    """``(params, batch) -> (logits [B, C], label [B], mask [B])``, global arrays split on ``'data'``."""
+    step = functools.partial(_eval_logits, **step_kwargs)
+    per_device = lambda params, batch: (step(params, batch), batch["label"], batch["mask"])  # noqa: E731
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
+
+
+def evaluate(eval_fn, params, batches: Iterator[dict], mesh: Mesh, temperature: float) -> tuple[dict, dict]:
+    """One pass over ``batches`` at ``temperature``; returns ``(summary, sums)`` (padding excluded)."""
     sums = None
-    for batch in dataset.eval_batches(batch_size):
-        sums = evaluation.add_sums(sums, jax.device_get(eval_fn(params, distributed.global_batch(mesh, batch))))
+    t = jnp.float32(temperature)
+    for batch in batches:
+        sums = evaluation.add_sums(sums, jax.device_get(eval_fn(params, distributed.global_batch(mesh, batch), t)))
     return evaluation.summarize(sums), sums
 
 
+def collect_logits(logits_fn, params, batches: Iterator[dict], mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``[n, C]`` and labels ``[n]`` of one pass over ``batches`` on every process (padding dropped)."""
+    from jax.experimental import multihost_utils
+
+    parts = []
+    for batch in batches:
+        out = logits_fn(params, distributed.global_batch(mesh, batch))
+        if jax.process_count() > 1:
+            out = multihost_utils.process_allgather(out, tiled=True)
+        logits, labels, mask = (np.asarray(x) for x in jax.device_get(out))
+        parts.append((logits[mask], labels[mask]))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 # --------------------------------------------------------------------------------------------------
-# Set-up: validation of the config, the state, the prior.
+# Set-up: config checks, the state, the prior, restore.
 # --------------------------------------------------------------------------------------------------
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Checks every name in ``config`` before any work starts; errors list the valid choices."""
-    losses.get_loss(config.loss.name)
+    """Checks every name and every number in ``config`` before any work starts.
+
+    Unknown names list the valid choices; numbers outside their range name the field, the value
+    and the range (:mod:`softnce.config_checks`).
+    """
+    try:
+        losses.get_loss(config.loss.name)
+    except ValueError as error:
+        raise config_checks.ConfigError(str(error)) from None
     if config.data.name not in DATASETS:
-        raise ValueError(f"unknown dataset {config.data.name!r}; valid datasets: {', '.join(sorted(DATASETS))}.")
+        raise config_checks.ConfigError(f"unknown dataset {config.data.name!r}; valid datasets: {', '.join(sorted(DATASETS))}.")
     if config.model.name not in models.MODELS:
-        raise ValueError(f"unknown model {config.model.name!r}; valid models: {', '.join(sorted(models.MODELS))}.")
+        raise config_checks.ConfigError(f"unknown model {config.model.name!r}; valid models: {', '.join(sorted(models.MODELS))}.")
     if config.loss.noise_prior not in ("class_prior", "uniform"):
-        raise ValueError(f"config.loss.noise_prior must be 'class_prior' or 'uniform', got {config.loss.noise_prior!r}.")
-    if config.num_train_steps <= 0:
-        raise ValueError(f"config.num_train_steps must be positive, got {config.num_train_steps}.")
-    targets.MixConfig.from_config(config.augment)
+        raise config_checks.ConfigError(f"config.loss.noise_prior must be 'class_prior' or 'uniform', got {config.loss.noise_prior!r}.")
+    config_checks.check_config(config)
+    try:
+        targets.MixConfig.from_config(config.augment)
+    except ValueError as error:
+        raise config_checks.ConfigError(f"config.augment: {error}") from None
 
 
 def noise_prior(config: ml_collections.ConfigDict, dataset: Dataset) -> Optional[jax.Array]:
@@ -190,6 +261,98 @@ def create_train_state(config, model, example_shape, rng, mesh: Mesh, global_bat
     return make(params), schedule
 
 
+def max_steps_in_flight(config: ml_collections.ConfigDict) -> int:
+    """``config.max_steps_in_flight``, or 1 on CPU and 2 on accelerators (see the module docstring)."""
+    configured = config.get("max_steps_in_flight")
+    if configured is not None:
+        return int(configured)
+    return 1 if jax.default_backend() == "cpu" else 2
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything :func:`train_loop` needs, made by :func:`set_up`."""
+
+    config: ml_collections.ConfigDict
+    workdir: Any  # epath.Path, local or gs://
+    mesh: Mesh
+    dataset: Dataset
+    state: TrainState
+    schedule: Any
+    train_rng: jax.Array
+    log_noise_probs: Optional[jax.Array]
+    step_fn: Any
+    eval_fn: Any
+    logits_fn: Any
+    manager: Any
+    ckpt_dir: str
+    last_saved: Optional[int]
+    writer: Any
+    local_batch: int
+    local_eval_batch: int
+    is_chief: bool
+
+    @property
+    def start_step(self) -> int:
+        return int(self.state.step)
+
+
+def _print_chief(is_chief: bool, text: str) -> None:
+    if is_chief:
+        print(text, flush=True)
+
+
+def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Checks the config, builds the mesh, data, model and state, and restores the newest intact checkpoint."""
+    from clu import metric_writers
+    from jax.experimental import multihost_utils
+
+    validate_config(config)
+    mesh = distributed.make_mesh()
+    is_chief = jax.process_index() == 0
+    local_batch = distributed.check_batch_size(config.data.batch_size, mesh)
+    local_eval_batch = distributed.check_batch_size(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
+    dataset = get_dataset(config.data, process_index=jax.process_index(), process_count=jax.process_count())
+    log_noise_probs = noise_prior(config, dataset)
+    mix_config = targets.MixConfig.from_config(config.augment)
+    loss_spec = losses.get_loss(config.loss.name)
+
+    workdir = checkpointing.resolve(workdir)  # local or gs://; every write below is on process 0 only
+    if is_chief:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+    writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_chief)
+
+    model = models.get_model(config.model, dataset.num_classes)
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    ckpt_dir = str(workdir / "checkpoints")
+    manager = checkpointing.make_manager(ckpt_dir, max_to_keep=config.get("max_checkpoints", 3))
+    resuming = manager.latest_step() is not None  # then neither init.checkpoint nor init.pretrained is read
+    state, schedule = create_train_state(
+        config, model, dataset.example_shape, init_rng, mesh, config.data.batch_size, use_init=not resuming
+    )
+    last_saved = None
+    if resuming:
+        sync = multihost_utils.sync_global_devices if jax.process_count() > 1 else (lambda name: None)
+        state, last_saved = checkpointing.restore_newest_intact(
+            manager, state, log=functools.partial(_print_chief, is_chief), is_chief=is_chief, sync=sync
+        )
+        _print_chief(is_chief, f"resumed from the checkpoint of step {last_saved} in {ckpt_dir}")
+
+    step_fn = make_sharded_train_step(
+        mesh, loss_fn=loss_spec.fn, num_classes=dataset.num_classes, mix_config=mix_config,
+        temperature=config.loss.temperature, input_transform=dataset.device_train_transform,
+    )
+    eval_kwargs = dict(apply_fn=model.apply, input_transform=dataset.device_eval_transform)
+    return Run(
+        config=config, workdir=workdir, mesh=mesh, dataset=dataset, state=state, schedule=schedule,
+        train_rng=train_rng, log_noise_probs=log_noise_probs, step_fn=step_fn,
+        eval_fn=make_sharded_eval_step(mesh, **eval_kwargs), logits_fn=make_sharded_logits_step(mesh, **eval_kwargs),
+        manager=manager, ckpt_dir=ckpt_dir, last_saved=last_saved, writer=writer, local_batch=local_batch,
+        local_eval_batch=local_eval_batch, is_chief=is_chief,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop.
 # --------------------------------------------------------------------------------------------------
@@ -232,6 +395,33 @@ class Progress:
         return f"step {step}/{self.total} | {shown} | {rate:.2f} steps/s | ETA {eta_text}"
 
 
+class StepsInFlight:
+    """Bounds how many dispatched train steps may still be running (the one place dispatch is throttled).
+
+    :meth:`dispatched` records a step's output; once more than ``limit`` are pending, it blocks on
+    the oldest and reports it finished to the watchdog. :meth:`drain` blocks on all of them (before
+    evaluation, checkpointing or any other program with collectives).
+    """
+
+    def __init__(self, limit: int, watchdog: StepWatchdog):
+        self.limit, self.watchdog = limit, watchdog
+        self.pending: collections.deque = collections.deque()
+
+    def dispatched(self, step: int, output: Any) -> None:
+        self.pending.append((step, output))
+        while len(self.pending) > self.limit:
+            self._finish_oldest()
+
+    def drain(self) -> None:
+        while self.pending:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        step, output = self.pending.popleft()
+        jax.block_until_ready(output)
+        self.watchdog.step_finished(step)
+
+
 def _check_finite(history: list[tuple[int, dict]], last_saved: Optional[int], ckpt_dir: str) -> list[dict]:
     """Fetches pending step metrics; raises ``FloatingPointError`` at the first non-finite one."""
     fetched = [(step, jax.device_get(m)) for step, m in history]
@@ -247,37 +437,128 @@ def _check_finite(history: list[tuple[int, dict]], last_saved: Optional[int], ck
     return [m for _, m in fetched]
 
 
-def _log_train_metrics(history, *, step, schedule, writer, progress, is_chief, last_saved, manager, ckpt_dir) -> None:
+def _log_train_metrics(run: Run, history, *, step: int, progress: Progress) -> None:
     """Checks the pending step metrics for non-finite values, then logs their mean.
 
     On a non-finite value the last good (possibly still asynchronous) save is finished before the
     ``FloatingPointError`` propagates, so it stays the latest checkpoint.
     """
     try:
-        fetched = _check_finite(history, last_saved, ckpt_dir)
+        fetched = _check_finite(history, run.last_saved, run.ckpt_dir)
     except FloatingPointError:
-        manager.wait_until_finished()
-        writer.flush()
+        run.manager.wait_until_finished()
+        run.writer.flush()
         raise
     mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-    mean["learning_rate"] = float(schedule(step - 1))
-    writer.write_scalars(step, {f"train/{k}": v for k, v in mean.items()})
-    if is_chief:
-        print(progress.line(step, mean), flush=True)
+    mean["learning_rate"] = float(run.schedule(step - 1))
+    run.writer.write_scalars(step, {f"train/{k}": v for k, v in mean.items()})
+    _print_chief(run.is_chief, progress.line(step, mean))
 
 
-def _write_results(workdir, config, summary: dict, sums: dict) -> None:
-    """``metrics.json``, ``eval_sums.json`` and ``reliability.png`` in ``workdir`` (process 0 only)."""
-    _write_json(workdir / "metrics.json", summary)
-    _write_json(workdir / "eval_sums.json", {k: np.asarray(v).tolist() for k, v in sums.items()})
-    evaluation.plot_reliability_diagram(
-        {config.loss.name: sums}, str(workdir / "reliability.png"), title=config.data.name
+def _evaluate_test(run: Run) -> tuple[dict, dict]:
+    """Test metrics at the training temperature ``config.loss.temperature``."""
+    batches = run.dataset.eval_batches(run.local_eval_batch)
+    return evaluate(run.eval_fn, run.state.params, batches, run.mesh, run.config.loss.temperature)
+
+
+def calibrate(run: Run) -> Optional[tuple[dict, dict]]:
+    """Fits ``t*`` on the validation NLL and evaluates the test split at ``t*``.
+
+    Returns ``({'temperature', 'nll_calibrated', 'ece_calibrated'}, sums at t*)``, or ``None`` when
+    the dataset has no validation split (``config.data.validation_fraction = 0``).
+    """
+    if not run.dataset.num_validation_examples:
+        return None
+    val_logits, val_labels = collect_logits(
+        run.logits_fn, run.state.params, run.dataset.validation_batches(run.local_eval_batch), run.mesh
     )
+    t_star = evaluation.fit_temperature(val_logits, val_labels)
+    summary, sums = evaluate(
+        run.eval_fn, run.state.params, run.dataset.eval_batches(run.local_eval_batch), run.mesh, t_star
+    )
+    return {"temperature": t_star, "nll_calibrated": summary["nll"], "ece_calibrated": summary["ece"]}, sums
+
+
+def _write_results(run: Run, summary: dict, sums: dict, calibrated_sums: Optional[dict]) -> None:
+    """``metrics.json``, ``eval_sums.json`` and ``reliability.png`` in the workdir (process 0 only)."""
+    if not run.is_chief:
+        return
+    _write_json(run.workdir / "metrics.json", summary)
+    _write_json(run.workdir / "eval_sums.json", {k: np.asarray(v).tolist() for k, v in sums.items()})
+    panels = {f"{run.config.loss.name} (t = {run.config.loss.temperature:g})": sums}
+    if calibrated_sums is not None:
+        panels[f"calibrated (t* = {summary['temperature']:.3g})"] = calibrated_sums
+    evaluation.plot_reliability_diagram(panels, str(run.workdir / "reliability.png"), title=run.config.data.name)
 
 
 def _write_json(path, obj) -> None:
     """Writes ``obj`` as JSON to ``path`` (an ``epath.Path``: local or ``gs://``)."""
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _print_eval(run: Run, step: int, summary: dict) -> None:
+    run.writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items()})
+    _print_chief(run.is_chief, f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+
+
+def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
+    """Trains from ``run.state`` to ``config.num_train_steps``; evaluates, calibrates and writes the results.
+
+    Returns the final metrics (``{'preempted_at_step': s}`` if stopped early).
+    """
+    config, total = run.config, run.config.num_train_steps
+    batches = run.dataset.train_batches(run.local_batch, seed=config.seed, start_step=run.start_step)
+    progress = Progress(total, run.start_step)
+    history: list[tuple[int, dict]] = []
+    summary: dict = {}
+    sums: dict = {}
+    watchdog = StepWatchdog(config.get("step_timeout_s"), process_index=jax.process_index())
+    in_flight = StepsInFlight(max_steps_in_flight(config), watchdog)
+
+    with _Preemption() as preemption, watchdog:
+        for step in range(run.start_step + 1, total + 1):
+            batch = distributed.global_batch(run.mesh, next(batches))
+            run.state, metrics = run.step_fn(run.state, batch, run.train_rng, run.log_noise_probs)
+            in_flight.dispatched(step, metrics)
+            history.append((step, metrics))
+            is_last = step == total
+            preempted = preemption.requested if jax.process_count() == 1 else run.manager.reached_preemption(step)
+            preempted = preempted or step == stop_at_step
+            save_now = is_last or preempted or step % config.checkpoint_every_steps == 0
+            evaluate_now = is_last or step % config.eval_every_steps == 0
+            if not (save_now or evaluate_now or step % config.log_every_steps == 0):
+                continue
+            in_flight.drain()
+            with watchdog.paused():
+                _log_train_metrics(run, history, step=step, progress=progress)
+                history = []
+                if save_now:
+                    checkpointing.save(run.manager, step, run.state)
+                    run.last_saved = step
+                if preempted and not is_last:
+                    run.manager.wait_until_finished()
+                    _print_chief(run.is_chief, f"stopped at step {step} (preempted or stop_at_step); saved to "
+                                 f"{run.ckpt_dir}; rerun the same command to resume.")
+                    run.writer.flush()
+                    return {"preempted_at_step": step}
+                if evaluate_now:
+                    summary, sums = _evaluate_test(run)
+                    _print_eval(run, step, summary)
+        in_flight.drain()
+        with watchdog.paused():
+            run.manager.wait_until_finished()
+            if not summary:  # the run had already finished: evaluate the restored state
+                summary, sums = _evaluate_test(run)
+            calibrated = calibrate(run)
+    summary = dict(summary, step=int(run.state.step))
+    calibrated_sums = None
+    if calibrated is not None:
+        calibration, calibrated_sums = calibrated
+        summary.update(calibration)
+        _print_eval(run, summary["step"], calibration)
+    _write_results(run, summary, sums, calibrated_sums)
+    run.writer.flush()
+    return summary
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: Optional[int] = None) -> dict:
@@ -286,88 +567,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     ``stop_at_step`` ends this invocation early at that step, saving a checkpoint as a preemption
     would (the schedule still follows ``config.num_train_steps``); running again resumes.
 
-    Writes ``config.json``, TensorBoard scalars, ``checkpoints/``, ``metrics.json``,
-    ``eval_sums.json`` (the calibration-bin sums) and ``reliability.png`` to ``workdir`` (process 0).
-    Raises ``FloatingPointError`` on a non-finite loss, keeping the last good checkpoint.
+    Writes ``config.json``, TensorBoard scalars, ``checkpoints/``, ``metrics.json`` (test metrics at
+    the training temperature, plus ``temperature``, ``nll_calibrated`` and ``ece_calibrated`` when
+    the data has a validation split), ``eval_sums.json`` (the calibration-bin sums) and
+    ``reliability.png`` to ``workdir`` (process 0). Raises ``FloatingPointError`` on a non-finite
+    loss, keeping the last good checkpoint; the step watchdog ends a stuck process (see
+    :mod:`softnce.watchdog`).
     """
-    from clu import metric_writers
-
-    validate_config(config)
-    mesh = distributed.make_mesh()
-    is_chief = jax.process_index() == 0
-    local_batch = distributed.check_batch_size(config.data.batch_size, mesh)
-    local_eval_batch = distributed.check_batch_size(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
-    dataset = get_dataset(config.data, process_index=jax.process_index(), process_count=jax.process_count())
-    log_noise_probs = noise_prior(config, dataset)
-    mix_config = targets.MixConfig.from_config(config.augment)
-    loss_spec = losses.get_loss(config.loss.name)
-
-    workdir = checkpointing.resolve(workdir)  # local or gs://; every write below is on process 0 only
-    if is_chief:
-        workdir.mkdir(parents=True, exist_ok=True)
-        _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
-    writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_chief)
-
-    model = models.get_model(config.model, dataset.num_classes)
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, train_rng = jax.random.split(rng)
-    ckpt_dir = str(workdir / "checkpoints")
-    manager = checkpointing.make_manager(ckpt_dir, max_to_keep=config.get("max_checkpoints", 3))
-    last_saved = manager.latest_step()
-    resuming = last_saved is not None  # then neither init.checkpoint nor init.pretrained is read
-    state, schedule = create_train_state(
-        config, model, dataset.example_shape, init_rng, mesh, config.data.batch_size, use_init=not resuming
-    )
-    if resuming:
-        state = checkpointing.restore(manager, state, last_saved)
-    start_step = int(state.step)
-
-    step_fn = make_sharded_train_step(
-        mesh, loss_fn=loss_spec.fn, num_classes=dataset.num_classes, mix_config=mix_config,
-        temperature=config.loss.temperature,
-    )
-    eval_fn = make_sharded_eval_step(mesh, apply_fn=model.apply, temperature=config.loss.temperature)
-    batches: Iterator[dict] = dataset.train_batches(local_batch, seed=config.seed, start_step=start_step)
-    progress = Progress(config.num_train_steps, start_step)
-    history: list[tuple[int, dict]] = []
-    summary: dict = {}
-    total = config.num_train_steps
-
-    with _Preemption() as preemption:
-        for step in range(start_step + 1, total + 1):
-            batch = distributed.global_batch(mesh, next(batches))
-            state, metrics = step_fn(state, batch, train_rng, log_noise_probs)
-            history.append((step, metrics))
-            is_last = step == total
-            preempted = preemption.requested if jax.process_count() == 1 else manager.reached_preemption(step)
-            preempted = preempted or step == stop_at_step
-            save_now = is_last or preempted or step % config.checkpoint_every_steps == 0
-            if save_now or step % config.log_every_steps == 0:
-                _log_train_metrics(
-                    history, step=step, schedule=schedule, writer=writer, progress=progress, is_chief=is_chief,
-                    last_saved=last_saved, manager=manager, ckpt_dir=ckpt_dir,
-                )
-                history = []
-            if save_now:
-                checkpointing.save(manager, step, state)
-                last_saved = step
-            if preempted and not is_last:
-                manager.wait_until_finished()
-                if is_chief:
-                    print(f"stopped at step {step} (preempted or stop_at_step); saved to {ckpt_dir}; "
-                          "rerun the same command to resume.", flush=True)
-                writer.flush()
-                return {"preempted_at_step": step}
-            if is_last or step % config.eval_every_steps == 0:
-                summary, sums = evaluate(eval_fn, state.params, dataset, mesh, local_eval_batch)
-                writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items()})
-                if is_chief:
-                    print(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()), flush=True)
-    manager.wait_until_finished()
-    if not summary:  # the run had already finished: evaluate the restored state
-        summary, sums = evaluate(eval_fn, state.params, dataset, mesh, local_eval_batch)
-    summary = dict(summary, step=int(state.step))
-    if is_chief:
-        _write_results(workdir, config, summary, sums)
-    writer.flush()
-    return summary
+    return train_loop(set_up(config, workdir), stop_at_step=stop_at_step)

@@ -1,0 +1,185 @@
+"""Validation of every numeric config field before any work starts.
+
+``check_config(config)`` walks the config and checks each numeric leaf (int, float, and the
+entries of numeric tuples such as ``model.hidden_sizes``) against :data:`RULES`, keyed by its
+dotted path. A value outside its range raises one ``ValueError`` that names the field, its value
+and the valid range, e.g.::
+
+    config.optim.base_lr = -1 is out of range: must be > 0 (the peak learning rate per 256 examples).
+
+A numeric field without a rule is an error too (add the rule here when adding a field), so no
+number reaches the trainer unchecked. ``None`` means "off" wherever a rule allows it. Relations
+between fields (warm-up shorter than training, ``min_lr <= base_lr``) are checked after the
+per-field ranges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator, Optional
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the command line prints its one-line message and exits with code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A valid interval ``(low, high)`` with open/closed ends, integrality and optional ``None``."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    allow_none: bool = False
+    meaning: str = ""
+
+    def contains(self, value: Any) -> bool:
+        if value is None:
+            return self.allow_none
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if not math.isfinite(value) or (self.integer and value != int(value)):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.high == math.inf:
+            bound = f"{'>' if self.low_open else '>='} {_fmt(self.low)}"
+        elif self.low == -math.inf:
+            bound = f"{'<' if self.high_open else '<='} {_fmt(self.high)}"
+        else:
+            bound = f"in {'(' if self.low_open else '['}{_fmt(self.low)}, {_fmt(self.high)}{')' if self.high_open else ']'}"
+        text = f"must be {kind} {bound}" + (" or None" if self.allow_none else "")
+        return text + (f" ({self.meaning})" if self.meaning else "")
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def positive(meaning: str = "", **kw) -> Range:
+    return Range(0, low_open=True, meaning=meaning, **kw)
+
+
+def non_negative(meaning: str = "", **kw) -> Range:
+    return Range(0, meaning=meaning, **kw)
+
+
+def count(minimum: int = 1, meaning: str = "", **kw) -> Range:
+    return Range(minimum, integer=True, meaning=meaning, **kw)
+
+
+def probability(meaning: str = "", **kw) -> Range:
+    return Range(0, 1, meaning=meaning, **kw)
+
+
+def fraction_below_one(meaning: str = "", **kw) -> Range:
+    return Range(0, 1, high_open=True, meaning=meaning, **kw)
+
+
+RULES: dict[str, Range] = {
+    # The run.
+    "seed": count(0, "the run's random seed"),
+    "num_train_steps": count(1, "optimiser steps in the whole run"),
+    "log_every_steps": count(1, "steps between progress lines"),
+    "eval_every_steps": count(1, "steps between evaluations"),
+    "checkpoint_every_steps": count(1, "steps between checkpoints"),
+    "max_checkpoints": count(1, "checkpoints kept on disk"),
+    "step_timeout_s": positive("seconds without a finished train step before the watchdog exits; None = automatic", allow_none=True),
+    "max_steps_in_flight": count(1, "train steps dispatched ahead of the host; None = 1 on CPU, 2 on accelerators", allow_none=True),
+    # Data.
+    "data.batch_size": count(1, "the global training batch"),
+    "data.eval_batch_size": count(1, "the global evaluation batch"),
+    "data.validation_fraction": fraction_below_one("share of the training data held out to fit the temperature"),
+    "data.validation_seed": count(0, "seed of the validation split"),
+    "data.seed": count(0, "seed of the generated data"),
+    "data.num_train": count(1, "generated training examples"),
+    "data.num_val": count(1, "generated validation examples"),
+    "data.num_test": count(1, "generated test examples"),
+    "data.annotators": count(1, "annotators per example (or 'inf')"),
+    "data.image_size": count(8, "side of the square crop in pixels"),
+    "data.num_train_examples": count(1, "training examples to read (None = the whole split)", allow_none=True),
+    "data.num_eval_examples": count(1, "evaluation examples to read (None = the whole split)", allow_none=True),
+    "data.random_erasing_prob": probability("probability of random erasing"),
+    "data.shuffle_buffer": count(1, "examples in the shuffle buffer"),
+    "data.num_shards": count(1, "shards of the training split (None = the process count)", allow_none=True),
+    # Model.
+    "model.hidden_sizes": count(1, "units per hidden layer"),
+    "model.channels": count(1, "channels of each convolutional stage (small_cnn)"),
+    "model.convs_per_stage": count(1, "3x3 convolutions per stage, the first strided (small_cnn)"),
+    "model.hidden": count(1, "width of the hidden dense layer (small_cnn)"),
+    "model.dropout_rate": fraction_below_one("dropout probability"),
+    "model.drop_path_rate": fraction_below_one("stochastic depth rate of the last block"),
+    # Loss.
+    "loss.temperature": positive("the loss temperature t in z / t"),
+    "loss.prior_smoothing": non_negative("pseudo-count added to every class for the noise prior"),
+    # Soft targets.
+    "augment.label_smoothing": fraction_below_one("label smoothing epsilon"),
+    "augment.mixup_alpha": non_negative("Beta(alpha, alpha) of MixUp; 0 = off"),
+    "augment.cutmix_alpha": non_negative("Beta(alpha, alpha) of CutMix; 0 = off"),
+    "augment.mix_prob": probability("probability that a batch is mixed"),
+    "augment.switch_prob": probability("probability of CutMix instead of MixUp"),
+    # Optimiser.
+    "optim.base_lr": positive("the peak learning rate per 256 examples"),
+    "optim.min_lr": non_negative("the final learning rate of the cosine"),
+    "optim.warmup_steps": count(0, "linear warm-up steps"),
+    "optim.b1": fraction_below_one("Adam's first-moment decay"),
+    "optim.b2": fraction_below_one("Adam's second-moment decay"),
+    "optim.weight_decay": non_negative("decoupled weight decay"),
+    "optim.grad_clip_norm": positive("global gradient-norm clip; None = off", allow_none=True),
+    "optim.layer_decay": Range(0, 1, low_open=True, allow_none=True, meaning="layer-wise lr decay; None = off"),
+}
+
+
+def numeric_leaves(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted path, value)`` of every numeric leaf (and every entry of a numeric tuple/list)."""
+    items = config.items() if isinstance(config, (dict, ml_collections.ConfigDict)) else ()
+    for key, value in items:
+        path = f"{prefix}{key}"
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            yield from numeric_leaves(value, path + ".")
+        elif isinstance(value, (tuple, list)):
+            for entry in value:
+                if _is_number(entry):
+                    yield path, entry
+        elif _is_number(value) or (value is None and path in RULES):
+            yield path, value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_config(config: ml_collections.ConfigDict, rules: Optional[dict[str, Range]] = None) -> None:
+    """Raises :class:`ConfigError` (one line) at the first numeric field outside its valid range."""
+    rules = RULES if rules is None else rules
+    for path, value in numeric_leaves(config):
+        rule = rules.get(path)
+        if rule is None:
+            raise ConfigError(
+                f"config.{path} = {value!r} has no validity rule; add one to softnce.config_checks.RULES."
+            )
+        if not rule.contains(value):
+            raise ConfigError(f"config.{path} = {value!r} is out of range: {rule.describe()}.")
+    _check_relations(config)
+
+
+def _check_relations(config: ml_collections.ConfigDict) -> None:
+    optim, steps = config.get("optim"), config.get("num_train_steps")
+    if optim is not None and steps is not None and optim.get("warmup_steps", 0) >= steps:
+        raise ConfigError(
+            f"config.optim.warmup_steps = {optim.warmup_steps} is out of range: must be < config.num_train_steps "
+            f"= {steps} (the warm-up must end before training does)."
+        )
+    if optim is not None and optim.get("min_lr", 0) > optim.get("base_lr", math.inf):
+        raise ConfigError(
+            f"config.optim.min_lr = {optim.min_lr} is out of range: must be <= config.optim.base_lr = {optim.base_lr}."
+        )
