@@ -42,6 +42,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -56,6 +57,33 @@ _patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axi
 def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
     # Two-pass variance (E[(x - mean)^2]) as torch computes it, not E[x^2] - mean^2.
     return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, use_fast_variance=False, name=name)
+
+
+@jax.custom_jvp
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact GELU ``x Phi(x)`` (``torch.nn.GELU()``); the value is ``jax.nn.gelu(x, approximate=False)``.
+
+    Only the derivative is this module's own: ``Phi(x) + x phi(x)`` with
+    ``phi(x) = exp(-x^2 / 2) / sqrt(2 pi)``, instead of differentiating ``erf``/``erfc``.
+    """
+    return jax.nn.gelu(x, approximate=False)
+
+
+# Workaround for an upstream jax bug (seen in jax 0.12.0.1; jax 0.10.x is not affected): the JVP
+# of lax.erf/erfc computes exp(-x^2) as jax._src.lax.erf.exp_neg_sq, whose _expm1_lo evaluates
+# lax.polynomial(u, [1, 1/2, 1/6, 1/24, 1/120]). lax.polynomial turns those Python-float
+# coefficients into constants that vary over no mesh axis and binds polynomial_p without the
+# core.auto_insert_reshard (pvary) that add/mul do, so under jax.shard_map with check_vma=True
+# (the default) a device-varying x fails with "Primitive polynomial requires varying manual axes
+# to match". Giving only GELU's derivative in closed form keeps check_vma on for the whole step;
+# the forward value is jax.nn.gelu's, bit for bit (tests/test_vit_gelu.py tests both sides).
+@gelu_erf.defjvp
+def _gelu_erf_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    x = jnp.asarray(x)
+    cdf = 0.5 * jax.lax.erfc(-x * np.sqrt(0.5).astype(x.dtype))  # Phi(x); erfc's value is fine
+    pdf = jnp.exp(-0.5 * x * x) * np.asarray(1.0 / np.sqrt(2.0 * np.pi), x.dtype)
+    return gelu_erf(x), (cdf + x * pdf) * x_dot
 
 
 class SelfAttention(nn.Module):
@@ -90,7 +118,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         hidden = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_dense_init, name="fc1")(x)
-        hidden = nn.gelu(hidden, approximate=False)
+        hidden = gelu_erf(hidden)
         return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init, name="fc2")(hidden)
 
 
