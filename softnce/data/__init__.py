@@ -11,6 +11,7 @@ from softnce.data.base import Dataset
 # name -> "module:factory"; factories take (config.data, *, process_index, process_count).
 DATASETS = {
     "digits": "softnce.data.digits:make_digits_dataset",
+    "fashion_mnist": "softnce.data.fashion_mnist:make_fashion_mnist_dataset",
     "toy": "softnce.data.toy:make_toy_dataset",
     "imagenet2012": "softnce.data.images:make_image_dataset",
     "cifar100": "softnce.data.images:make_image_dataset",

@@ -16,6 +16,12 @@ def _mlp(num_classes: int, **kwargs) -> nn.Module:
     return MLP(num_classes=num_classes, **kwargs)
 
 
+def _small_cnn(num_classes: int, **kwargs) -> nn.Module:
+    from softnce.models.cnn import SmallCNN
+
+    return SmallCNN(num_classes=num_classes, **kwargs)
+
+
 def _vit(variant: str):
     def build(num_classes: int, **kwargs) -> nn.Module:
         from softnce.models import vit
@@ -25,7 +31,7 @@ def _vit(variant: str):
     return build
 
 
-MODELS = {"mlp": _mlp, "vit_b16": _vit("vit_b16"), "vit_tiny": _vit("vit_tiny")}
+MODELS = {"mlp": _mlp, "small_cnn": _small_cnn, "vit_b16": _vit("vit_b16"), "vit_tiny": _vit("vit_tiny")}
 
 
 def get_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:

@@ -1,0 +1,179 @@
+"""The grid behind the loss comparisons (``digits_comparison.py``, ``fashion_comparison.py``): losses x seeds.
+
+Every run is the real trainer (``softnce.train.train_and_evaluate``) on a config built by the
+caller's ``make_config(loss, seed)``. Runs go seed by seed (all losses of seed 0, then of seed 1,
+...), so a grid stopped early still holds complete, paired seeds; running the same command again
+continues it (a finished run's workdir is resumed, which only re-evaluates it).
+
+Outputs in ``out``: ``results.json`` (every run's ``metrics.json`` and wall time, rewritten after
+each run), ``table.md`` (:func:`metrics_table` and :func:`paired_table`) and ``reliability.png``
+(the test-set calibration bins of each loss summed over seeds, at t = 1; plus
+``reliability_calibrated.png`` at the fitted temperature when the trainer wrote those sums).
+
+Statistics over seeds ``s = 1..n``: mean and sample standard deviation (``ddof = 1``). The paired
+comparison of a loss ``A`` against ``B`` uses the per-seed differences ``d_s = m_A(s) - m_B(s)`` of
+a metric ``m`` (same seed: same initialisation, batch order and validation split), reported as
+``mean(d) ± std(d)`` and the number of seeds where ``A`` is better (higher top-1, lower NLL / ECE).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+LOSSES = ("nll", "infonce", "soft_target_cross_entropy", "soft_target_infonce", "soft_distribution_infonce")
+REFERENCE_LOSS = "soft_target_infonce"
+# (metrics.json key, column title, scale, decimals, higher is better)
+METRICS = (
+    ("top1", "top-1 (%)", 100, 2, True),
+    ("nll", "NLL", 1, 3, False),
+    ("ece", "ECE (%)", 100, 2, False),
+    ("temperature", "t*", 1, 2, None),
+    ("nll_calibrated", "NLL at t*", 1, 3, False),
+    ("ece_calibrated", "ECE at t* (%)", 100, 2, False),
+)
+
+
+def targets_description(config) -> str:
+    """How the run's training targets are made, from ``config.augment``."""
+    a = config.augment
+    if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
+        return f"smoothing {a.label_smoothing:g} + MixUp/CutMix"
+    return f"smoothing {a.label_smoothing:g}" if a.label_smoothing > 0 else "hard labels"
+
+
+def _values(runs: list[dict], key: str, scale: float) -> Optional[np.ndarray]:
+    if not runs or any(key not in r for r in runs):
+        return None
+    return np.array([r[key] for r in runs], np.float64) * scale
+
+
+def _mean_std(values: np.ndarray, digits: int, sign: bool = False) -> str:
+    spread = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{values.mean():{'+' if sign else ''}.{digits}f} ± {spread:.{digits}f}"
+
+
+def metrics_table(results: dict) -> str:
+    """Markdown: one row per loss, mean ± std over seeds of every metric the runs report."""
+    present = [m for m in METRICS if any(_values(r["metrics"], m[0], 1) is not None for r in results.values())]
+    lines = ["| loss | targets | seeds | " + " | ".join(m[1] for m in present) + " |",
+             "|---|---|---|" + "---|" * len(present)]
+    for loss, runs in results.items():
+        cols = []
+        for key, _, scale, digits, _ in present:
+            values = _values(runs["metrics"], key, scale)
+            cols.append("n/a" if values is None else _mean_std(values, digits))
+        lines.append(f"| {loss} | {runs['targets']} | {len(runs['metrics'])} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def paired_differences(results: dict, reference: str, other: str, key: str) -> Optional[np.ndarray]:
+    """``m_reference(s) - m_other(s)`` over the seeds both losses finished (``None`` if unreported)."""
+    ref = {r["seed"]: r for r in results[reference]["metrics"]}
+    oth = {r["seed"]: r for r in results[other]["metrics"]}
+    seeds = sorted(set(ref) & set(oth))
+    if not seeds or any(key not in ref[s] or key not in oth[s] for s in seeds):
+        return None
+    return np.array([ref[s][key] - oth[s][key] for s in seeds], np.float64)
+
+
+def paired_table(results: dict, reference: str = REFERENCE_LOSS) -> str:
+    """Markdown: ``reference`` minus each other loss, per metric: ``mean ± std (wins/seeds)``."""
+    metrics = [m for m in METRICS if m[4] is not None]
+    others = [loss for loss in results if loss != reference]
+    if reference not in results or not others:
+        return ""
+    cols = [m for m in metrics if any(paired_differences(results, reference, o, m[0]) is not None for o in others)]
+    lines = [f"| {reference} minus | " + " | ".join(f"Δ {m[1]}" for m in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for other in others:
+        cells = []
+        for key, _, scale, digits, higher_better in cols:
+            d = paired_differences(results, reference, other, key)
+            if d is None:
+                cells.append("n/a")
+                continue
+            wins = int(np.sum(d > 0) if higher_better else np.sum(d < 0))
+            cells.append(f"{_mean_std(d * scale, digits, sign=True)} ({wins}/{len(d)})")
+        lines.append(f"| {other} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_grid(
+    make_config: Callable[[str, int], object],
+    *,
+    losses: Sequence[str] = LOSSES,
+    seeds: int,
+    out: str,
+    title: str,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Trains every ``(seed, loss)`` with the real trainer; writes and returns the results.
+
+    Args:
+      make_config: ``(loss, seed) -> ml_collections.ConfigDict`` of one run.
+      losses: registered loss names (table order).
+      seeds: seeds ``0 .. seeds - 1`` per loss.
+      out: output folder (one workdir per run, ``<loss>_seed<s>``, plus the tables and plots).
+      title: the reliability plots' title.
+
+    Returns:
+      ``{'results': {loss: {'targets', 'metrics': [metrics.json + seed, wall_seconds]}},
+      'wall_seconds', 'tables'}``.
+    """
+    from softnce import evaluation, train
+
+    os.makedirs(out, exist_ok=True)
+    results = {loss: {"targets": targets_description(make_config(loss, 0)), "metrics": []} for loss in losses}
+    sums, calibrated_sums = {}, {}
+    start, total, done = time.time(), len(losses) * seeds, 0
+    for seed in range(seeds):
+        for loss in losses:
+            workdir = os.path.join(out, f"{loss}_seed{seed}")
+            run_start = time.time()
+            metrics = train.train_and_evaluate(make_config(loss, seed), workdir)
+            run_seconds = time.time() - run_start
+            results[loss]["metrics"].append(dict(metrics, seed=seed, wall_seconds=run_seconds))
+            for store, name in ((sums, "eval_sums.json"), (calibrated_sums, "eval_sums_calibrated.json")):
+                path = os.path.join(workdir, name)
+                if os.path.exists(path):
+                    with open(path) as f:
+                        store[loss] = evaluation.add_sums(store.get(loss), json.load(f))
+            done += 1
+            elapsed = time.time() - start
+            shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("top1", "nll", "ece", "temperature", "ece_calibrated")
+                              if k in metrics)
+            log(f"[{done}/{total}] seed {seed} {loss}: {shown} | run {_format_seconds(run_seconds)}, "
+                f"elapsed {_format_seconds(elapsed)}, ETA {_format_seconds(elapsed / done * (total - done))}")
+            _write_json(os.path.join(out, "results.json"),
+                        {"results": results, "wall_seconds": elapsed, "complete": done == total})
+    wall = time.time() - start
+    tables = metrics_table(results) + "\n\n" + paired_table(results)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(tables + f"\n\n{len(losses)} losses x {seeds} seeds; total {_format_seconds(wall)} ({wall:.0f} s).\n")
+    _write_json(os.path.join(out, "results.json"),
+                {"results": results, "wall_seconds": wall, "complete": True})
+    evaluation.plot_reliability_diagram(sums, os.path.join(out, "reliability.png"),
+                                        title=f"{title}, t = 1, {seeds} seeds pooled")
+    if len(calibrated_sums) == len(losses):
+        evaluation.plot_reliability_diagram(calibrated_sums, os.path.join(out, "reliability_calibrated.png"),
+                                            title=f"{title}, at the fitted t*, {seeds} seeds pooled")
+    log(tables)
+    log(f"total {_format_seconds(wall)}; wrote {out}/table.md, results.json, reliability.png")
+    return {"results": results, "wall_seconds": wall, "tables": tables}
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,281 @@
+"""Fashion-MNIST: the IDX reader, the tfds preparation, the in-memory dataset, the CNN, the real CLI and
+the comparison script, all on small IDX files written here (no package, no internet needed)."""
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from softnce.data import fashion_mnist as fm
+from softnce.models.cnn import SmallCNN
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+import comparison_grid  # noqa: E402
+
+SIZES = {"train": 120, "test": 40}
+
+
+def idx_bytes(array: np.ndarray, *, images: bool) -> bytes:
+    """The IDX encoding of uint8 ``array`` (``[n, 28, 28]`` images or ``[n]`` labels), written independently."""
+    magic = 0x0803 if images else 0x0801
+    return struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+
+
+def write_idx_dir(directory, seed=0, compress=True) -> dict:
+    """Writes the four Fashion-MNIST files with random contents; returns ``{split: (images, labels)}``."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    data = {}
+    for split, n in SIZES.items():
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)  # every class present
+        rng.shuffle(labels)
+        for stem, array, is_images in zip(fm.IDX_FILES[split], (images, labels), (True, False)):
+            raw = idx_bytes(array, images=is_images)
+            if compress:
+                with open(os.path.join(directory, stem + ".gz"), "wb") as f:
+                    f.write(gzip.compress(raw))
+            else:
+                with open(os.path.join(directory, stem), "wb") as f:
+                    f.write(raw)
+        data[split] = (images, labels)
+    return data
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """``(data_dir, written data)``: small IDX files prepared through the tfds builder."""
+    root = tmp_path_factory.mktemp("fashion")
+    data = write_idx_dir(str(root / "idx"))
+    fm.prepare(str(root / "tfds"), str(root / "idx"))
+    return str(root / "tfds"), data
+
+
+# ---------------------------------------------------------------------------------------------- IDX
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_read_idx_round_trip(tmp_path, compress):
+    data = write_idx_dir(str(tmp_path), compress=compress)
+    for split in SIZES:
+        images, labels = fm.read_idx_split(str(tmp_path), split)
+        np.testing.assert_array_equal(images, data[split][0][..., None])
+        np.testing.assert_array_equal(labels, data[split][1])
+        assert images.shape == (SIZES[split], 28, 28, 1)
+
+
+def test_truncated_images_file_is_a_clear_error(tmp_path):
+    write_idx_dir(str(tmp_path), compress=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-100])
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte is truncated: its header announces 120 images"):
+        fm.read_idx_split(str(tmp_path), "train")
+
+
+def test_truncated_gzip_is_a_clear_error(tmp_path):
+    write_idx_dir(str(tmp_path))
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz is a damaged or truncated gzip file"):
+        fm.read_idx_split(str(tmp_path), "test")
+
+
+def test_mismatched_label_file_is_a_clear_error(tmp_path):
+    write_idx_dir(str(tmp_path))
+    labels = np.zeros(SIZES["train"] - 1, np.uint8)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels, images=False)))
+    with pytest.raises(ValueError, match=r"holds 120 images but .* holds 119 labels: the files do not belong together"):
+        fm.read_idx_split(str(tmp_path), "train")
+
+
+def test_swapped_files_and_bad_labels_are_clear_errors(tmp_path):
+    write_idx_dir(str(tmp_path), compress=False)
+    with pytest.raises(ValueError, match=r"is not an IDX images file: expected magic number 0x00000803"):
+        fm.read_idx(str(tmp_path / "train-labels-idx1-ubyte"), images=True)
+    (tmp_path / "bad").write_bytes(idx_bytes(np.array([3, 10], np.uint8), images=False))
+    with pytest.raises(ValueError, match=r"label 10 is outside \[0, 10\)"):
+        fm.read_idx(str(tmp_path / "bad"), images=False)
+    (tmp_path / "small").write_bytes(idx_bytes(np.zeros((2, 8, 8), np.uint8), images=True))
+    with pytest.raises(ValueError, match=r"images are 8x8, Fashion-MNIST's are 28x28"):
+        fm.read_idx(str(tmp_path / "small"), images=True)
+
+
+# ------------------------------------------------------------------------------ tfds preparation
+
+
+def test_prepare_round_trips_through_tfds(prepared):
+    data_dir, data = prepared
+    builder = tfds.builder("fashion_mnist", data_dir=data_dir)  # tfds's own builder reads what we wrote
+    assert builder.is_prepared()
+    assert {s: builder.info.splits[s].num_examples for s in SIZES} == SIZES
+    assert builder.info.features["label"].names[0] == "T-shirt/top"
+    for split in SIZES:
+        images, labels = fm.load_split(data_dir, split)
+        assert images.shape == (SIZES[split], 28, 28, 1) and images.dtype == np.uint8
+        # tfds stores the examples in its own (hashed-key) order: compare as sets of (image, label).
+        written = {img.tobytes(): int(lab) for img, lab in zip(*data[split])}
+        read = {img[..., 0].tobytes(): int(lab) for img, lab in zip(images, labels)}
+        assert read == written
+
+
+def test_prepare_checks_every_file_before_writing(tmp_path):
+    write_idx_dir(str(tmp_path / "idx"))
+    path = tmp_path / "idx" / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(idx_bytes(np.zeros(7, np.uint8), images=False)))
+    with pytest.raises(ValueError, match="do not belong together"):
+        fm.prepare(str(tmp_path / "tfds"), str(tmp_path / "idx"))
+    assert not fm.FashionMnist(data_dir=str(tmp_path / "tfds")).is_prepared()
+
+
+def test_partial_idx_dir_is_a_clear_error(tmp_path):
+    write_idx_dir(str(tmp_path / "idx"))
+    os.remove(tmp_path / "idx" / "t10k-images-idx3-ubyte.gz")
+    with pytest.raises(FileNotFoundError, match=r"missing t10k-images-idx3-ubyte.gz") as error:
+        fm.prepare(str(tmp_path / "tfds"), str(tmp_path / "idx"))
+    assert "python -m softnce.data.fashion_mnist" in str(error.value) and "--download" in str(error.value)
+
+
+def test_unprepared_data_gives_both_commands(tmp_path):
+    config = fm_config(str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError) as error:
+        fm.make_fashion_mnist_dataset(config, process_index=0, process_count=1)
+    message = str(error.value)
+    assert "is not prepared" in message
+    assert f"python -m softnce.data.fashion_mnist --data_dir {tmp_path / 'nothing'}" in message
+    assert "--download" in message and "apt-get install dataset-fashion-mnist" in message
+
+
+# ------------------------------------------------------------------------------ dataset and model
+
+
+def fm_config(data_dir, fraction=0.1):
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(name="fashion_mnist", data_dir=data_dir, validation_fraction=fraction,
+                                          validation_seed=0))
+
+
+def test_dataset_splits_and_normalisation(prepared):
+    data_dir, data = prepared
+    ds = fm.make_fashion_mnist_dataset(fm_config(data_dir), process_index=0, process_count=1)
+    assert (ds.num_train_examples, ds.num_validation_examples, ds.num_eval_examples) == (108, 12, 40)
+    assert ds.example_shape == (28, 28, 1) and ds.num_classes == 10
+    # Train and validation together are exactly the written training set.
+    together = np.concatenate([ds.train_inputs, ds.val_inputs])
+    expected = (data["train"][0][..., None].astype(np.float64) / 255 - 0.2860) / 0.3530
+    order = lambda x: np.lexsort(x.reshape(len(x), -1).T[::-1])  # noqa: E731
+    np.testing.assert_allclose(together[order(together)], expected[order(expected)], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.sort(np.concatenate([ds.train_labels, ds.val_labels])), np.sort(data["train"][1]))
+    expected_test = (data["test"][0][..., None].astype(np.float64) / 255 - 0.2860) / 0.3530
+    np.testing.assert_allclose(ds.eval_inputs[order(ds.eval_inputs)], expected_test[order(expected_test)],
+                               rtol=1e-5, atol=1e-5)
+    assert ds.train_label_counts().sum() == 108
+    batches = list(ds.validation_batches(8))
+    assert sum(b["mask"].sum() for b in batches) == 12
+
+
+def test_small_cnn_shapes_and_parameter_count():
+    model = SmallCNN(num_classes=10, channels=(32, 64), convs_per_stage=2, hidden=128)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)["params"]
+    # 3x3 convolutions with bias: 1->32, 32->32, 32->64, 64->64; then 7*7*64 -> 128 -> 10.
+    expected = (9 * 1 * 32 + 32) + (9 * 32 * 32 + 32) + (9 * 32 * 64 + 64) + (9 * 64 * 64 + 64)
+    expected += (7 * 7 * 64 * 128 + 128) + (128 * 10 + 10)
+    assert sum(p.size for p in jax.tree.leaves(params)) == expected
+    logits = model.apply({"params": params}, jnp.ones((3, 28, 28, 1)), train=False)
+    assert logits.shape == (3, 10)
+    with pytest.raises(ValueError, match=r"expects images \[B, H, W, c\]"):
+        model.apply({"params": params}, jnp.ones((3, 784)), train=False)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def tiny_args(data_dir):
+    return [
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.batch_size=32",
+        "--config.data.eval_batch_size=16",
+        "--config.model.channels=(4, 8)",
+        "--config.model.hidden=16",
+        "--config.optim.warmup_steps=1",
+        "--config.log_every_steps=2",
+    ]
+
+
+def test_cli_trains_fashion_mnist_end_to_end(prepared, tmp_path, cli_env):
+    data_dir, _ = prepared
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "softnce.main", "--config=configs/fashion_mnist.py:loss=soft_target_infonce,steps=4",
+           *tiny_args(data_dir), f"--workdir={workdir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "step 4/4" in out and "steps/s" in out and "ETA" in out
+    metrics = json.load(open(workdir / "metrics.json"))
+    assert metrics["num_examples"] == SIZES["test"] and metrics["step"] == 4
+    assert 0.0 <= metrics["top1"] <= 1.0 and np.isfinite(metrics["nll"])
+    assert metrics["temperature"] > 0 and np.isfinite(metrics["nll_calibrated"])
+    assert metrics["nll_calibrated"] <= metrics["nll"] + 0.05  # fitted on validation, reported on test
+    assert (workdir / "reliability.png").exists()
+    config = json.load(open(workdir / "config.json"))
+    assert config["data"]["name"] == "fashion_mnist" and config["model"]["name"] == "small_cnn"
+    assert config["augment"]["mixup_alpha"] == 0.8 and config["augment"]["label_smoothing"] == 0.1
+
+
+def test_config_uses_hard_labels_for_nll_and_infonce():
+    from configs import fashion_mnist as fashion_config
+
+    for loss in ("nll", "infonce"):
+        a = fashion_config.get_config(f"loss={loss}").augment
+        assert (a.label_smoothing, a.mixup_alpha, a.cutmix_alpha) == (0.0, 0.0, 0.0)
+    for loss in ("soft_target_infonce", "soft_target_cross_entropy", "soft_distribution_infonce"):
+        a = fashion_config.get_config(f"loss={loss}").augment
+        assert (a.label_smoothing, a.mixup_alpha, a.cutmix_alpha) == (0.1, 0.8, 1.0)
+
+
+def test_comparison_script_end_to_end(prepared, tmp_path):
+    import fashion_comparison
+
+    data_dir, _ = prepared
+    out = tmp_path / "grid"
+    sets = ["data.batch_size=32", "data.eval_batch_size=16", "model.channels=(4, 8)", "model.hidden=16",
+            "optim.warmup_steps=1"]
+    result = fashion_comparison.main([
+        "--seeds", "2", "--steps", "2", "--losses", "nll,soft_target_infonce", "--data_dir", data_dir,
+        "--out", str(out), *[arg for s in sets for arg in ("--set", s)],
+    ])
+    runs = result["results"]
+    assert [r["seed"] for r in runs["nll"]["metrics"]] == [0, 1]
+    assert runs["nll"]["targets"] == "hard labels"
+    assert runs["soft_target_infonce"]["targets"] == "smoothing 0.1 + MixUp/CutMix"
+    table = (out / "table.md").read_text()
+    assert "| soft_target_infonce minus |" in table and "| nll |" in table and "NLL at t*" in table
+    assert (out / "reliability.png").exists()
+    saved = json.load(open(out / "results.json"))
+    assert saved["complete"] and len(saved["results"]["soft_target_infonce"]["metrics"]) == 2
+
+
+def test_paired_table_against_hand_computed_values():
+    results = {
+        "soft_target_infonce": {"targets": "soft", "metrics": [
+            {"seed": 0, "top1": 0.90, "nll": 0.30}, {"seed": 1, "top1": 0.92, "nll": 0.28}]},
+        "nll": {"targets": "hard", "metrics": [
+            {"seed": 1, "top1": 0.91, "nll": 0.25}, {"seed": 0, "top1": 0.91, "nll": 0.35}]},
+    }
+    table = comparison_grid.paired_table(results)
+    # top-1 differences (pp): seed 0: -1, seed 1: +1 -> mean 0, std sqrt(2); STI wins 1 of 2.
+    # NLL differences: seed 0: -0.05, seed 1: +0.03 -> mean -0.01, std 0.0566; STI lower on 1 of 2.
+    assert "| nll | +0.00 ± 1.41 (1/2) | -0.010 ± 0.057 (1/2) |" in table
+    summary = comparison_grid.metrics_table(results)
+    assert "| soft_target_infonce | soft | 2 | 91.00 ± 1.41 | 0.290 ± 0.014 |" in summary
