@@ -27,6 +27,8 @@ def get_config(arg=None):
     config.eval_every_steps = 300
     config.checkpoint_every_steps = 300
     config.max_checkpoints = 2
+    config.step_timeout_s = config_utils.none(float)  # the step watchdog; None = automatic (softnce.watchdog)
+    config.max_steps_in_flight = config_utils.none(int)  # None = 1 on CPU, 2 on accelerators
 
     # 10% of the 1,257 training images are held out to fit the post-hoc temperature.
     config.data = ml_collections.ConfigDict(dict(

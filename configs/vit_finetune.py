@@ -60,6 +60,8 @@ def get_config(arg=None):
     config.eval_every_steps = steps_per_epoch  # every epoch, as the reference
     config.checkpoint_every_steps = steps_per_epoch
     config.max_checkpoints = 2
+    config.step_timeout_s = config_utils.none(float)  # the step watchdog; None = automatic (softnce.watchdog)
+    config.max_steps_in_flight = config_utils.none(int)  # None = 1 on CPU, 2 on accelerators
 
     config.data = ml_collections.ConfigDict(dict(
         name=args["dataset"], batch_size=args["batch"], eval_batch_size=args["batch"], data_dir=config_utils.none(str),

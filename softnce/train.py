@@ -396,11 +396,13 @@ class Progress:
 
 
 class StepsInFlight:
-    """Bounds how many dispatched train steps may still be running (the one place dispatch is throttled).
+    """Bounds how many dispatched train steps may be unfinished at once (the one place dispatch is throttled).
 
-    :meth:`dispatched` records a step's output; once more than ``limit`` are pending, it blocks on
-    the oldest and reports it finished to the watchdog. :meth:`drain` blocks on all of them (before
-    evaluation, checkpointing or any other program with collectives).
+    :meth:`dispatched` records a step's output and then blocks on the oldest pending steps until
+    fewer than ``limit`` remain, reporting each to the watchdog: at most ``limit`` steps are ever in
+    flight, and ``limit = 1`` runs each step to completion before the host prepares the next.
+    :meth:`drain` blocks on all of them (before evaluation, checkpointing or any other program
+    with collectives).
     """
 
     def __init__(self, limit: int, watchdog: StepWatchdog):
@@ -409,7 +411,7 @@ class StepsInFlight:
 
     def dispatched(self, step: int, output: Any) -> None:
         self.pending.append((step, output))
-        while len(self.pending) > self.limit:
+        while len(self.pending) >= self.limit:
             self._finish_oldest()
 
     def drain(self) -> None:

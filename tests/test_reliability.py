@@ -1,0 +1,245 @@
+"""Reliability: long 8-device runs, bounded dispatch, checkpoint fallback, config checks, the watchdog."""
+
+import glob
+import importlib
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import ml_collections
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from softnce import config_checks, train, watchdog
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import digits as digits_config  # noqa: E402
+from tests.test_train import latest_params, small_config  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------------
+# Eight devices, several hundred steps, evaluations and checkpoints in between.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_eight_device_cli_run_of_600_steps_finishes(tmp_path, cli_env):
+    """The digits default (600 steps, checkpoints and evaluations at 300 and 600) on 8 CPU devices.
+
+    With every step dispatched asynchronously, jax 0.10's XLA:CPU aborted most such runs in an
+    all-gather rendezvous (exit 134) before step 100.
+    """
+    cmd = [sys.executable, "-m", "softnce.main", "--config=configs/digits.py", "--num_cpu_devices=8",
+           f"--workdir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "eval at step 300" in out and "eval at step 600" in out
+    assert latest_params(str(tmp_path))[0] == 600
+
+
+def test_steps_in_flight_are_bounded_and_reported_to_the_watchdog():
+    finished = []
+
+    class Recorder:
+        def step_finished(self, step):
+            finished.append(step)
+
+    in_flight = train.StepsInFlight(2, Recorder())
+    for step in range(1, 6):
+        in_flight.dispatched(step, jnp.ones(3) * step)
+        assert len(in_flight.pending) <= 1  # plus the next one dispatched: at most 2 in flight
+    assert finished == [1, 2, 3, 4]
+    in_flight.drain()
+    assert finished == [1, 2, 3, 4, 5] and not in_flight.pending
+    synchronous = train.StepsInFlight(1, Recorder())
+    synchronous.dispatched(6, jnp.ones(3))
+    assert finished[-1] == 6 and not synchronous.pending
+
+
+def test_one_step_in_flight_on_cpu_unless_configured():
+    config = small_config()
+    assert jax.default_backend() == "cpu" and train.max_steps_in_flight(config) == 1
+    config.max_steps_in_flight = 3
+    assert train.max_steps_in_flight(config) == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# A damaged newest checkpoint.
+# --------------------------------------------------------------------------------------------------
+
+
+def corrupt_checkpoint(step_dir) -> int:
+    """Overwrites the second half of every stored array file of one orbax step with garbage bytes."""
+    files = [f for f in glob.glob(os.path.join(step_dir, "**", "*"), recursive=True)
+             if os.path.isfile(f) and f"{os.sep}d{os.sep}" in f]
+    assert files, f"no array data files under {step_dir}: {os.listdir(step_dir)}"
+    rng = np.random.default_rng(0)
+    for path in files:
+        size = os.path.getsize(path)
+        with open(path, "r+b") as f:
+            f.seek(size // 2)
+            f.write(rng.integers(0, 256, size - size // 2, dtype=np.uint8).tobytes())
+    return len(files)
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_ends_like_an_uninterrupted_run(tmp_path, capsys):
+    train.train_and_evaluate(small_config(), str(tmp_path / "reference"))
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(small_config(), str(workdir), stop_at_step=8)  # keeps steps 4 and 8
+    corrupt_checkpoint(workdir / "checkpoints" / "8")
+    capsys.readouterr()
+
+    result = train.train_and_evaluate(small_config(), str(workdir))
+
+    out = capsys.readouterr().out
+    assert "checkpoint at step 8" in out and "could not be restored" in out
+    assert "resumed from the checkpoint of step 4" in out
+    assert (workdir / "checkpoints.corrupt" / "8").is_dir()  # moved aside, never deleted
+    assert result["step"] == 12
+    step, params = latest_params(str(workdir))
+    ref_step, ref_params = latest_params(str(tmp_path / "reference"))
+    assert step == ref_step == 12
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_no_intact_checkpoint_is_one_error_naming_the_directory(tmp_path):
+    train.train_and_evaluate(small_config(), str(tmp_path), stop_at_step=8)
+    for step in (4, 8):
+        corrupt_checkpoint(tmp_path / "checkpoints" / str(step))
+    with pytest.raises(RuntimeError, match=r"no checkpoint in .*checkpoints can be restored \(tried steps 8, 4"):
+        train.train_and_evaluate(small_config(), str(tmp_path))
+    assert sorted(ocp.CheckpointManager(str(tmp_path / "checkpoints")).all_steps()) == [4, 8]  # nothing moved
+
+
+# --------------------------------------------------------------------------------------------------
+# Numeric config fields.
+# --------------------------------------------------------------------------------------------------
+
+
+def bad_values(rule: config_checks.Range) -> list:
+    """Values just outside ``rule`` (below, above, non-integer, None where not allowed)."""
+    values = []
+    if rule.low > -math.inf:
+        values.append(rule.low if rule.low_open else rule.low - 1)
+    if rule.high < math.inf:
+        values.append(rule.high if rule.high_open else rule.high + 0.5)
+    if rule.integer:
+        values.append(rule.low + 1.5)
+    if not rule.allow_none:
+        values.append(None)
+    return values
+
+
+CASES = [(path, value) for path, rule in config_checks.RULES.items() for value in bad_values(rule)]
+
+
+@pytest.mark.parametrize("path, value", CASES, ids=[f"{p}={v}" for p, v in CASES])
+def test_every_numeric_field_out_of_range_is_named_with_value_and_range(path, value):
+    config = ml_collections.ConfigDict(small_config().to_dict(), type_safe=False)  # any value, any field
+    section, _, field = path.rpartition(".")
+    (config[section] if section else config)[field] = value
+    with pytest.raises(config_checks.ConfigError) as error:
+        train.validate_config(config)
+    message = str(error.value)
+    assert message.startswith(f"config.{path} = ") and " is out of range: must be " in message, message
+    if value is not None:
+        assert float(message.split(" = ")[1].split(" is out")[0]) == value
+    assert "\n" not in message
+
+
+def test_every_field_of_the_shipped_configs_passes_and_has_a_rule():
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+        module = importlib.import_module(f"configs.{os.path.basename(path)[:-3]}")
+        config = module.get_config()
+        config_checks.check_config(config)  # raises on a numeric field without a rule
+        assert list(config_checks.numeric_leaves(config)), path
+
+
+def test_relations_between_fields_are_checked():
+    with pytest.raises(config_checks.ConfigError, match=r"warmup_steps = 12 is out of range: must be < config.num_train_steps = 12"):
+        train.validate_config(small_config(**{"optim.warmup_steps": 12}))
+    with pytest.raises(config_checks.ConfigError, match=r"min_lr = 0.1 is out of range: must be <= config.optim.base_lr"):
+        train.validate_config(small_config(**{"optim.min_lr": 0.1}))
+
+
+def test_negative_learning_rate_fails_before_the_first_step_in_one_line(tmp_path, cli_env):
+    cmd = [sys.executable, "-m", "softnce.main", "--config=configs/digits.py", "--config.optim.base_lr=-1",
+           f"--workdir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "softnce: error" in line]
+    assert errors == ["softnce: error: config.optim.base_lr = -1.0 is out of range: must be a number > 0 "
+                      "(the peak learning rate per 256 examples)."], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "step 1" not in proc.stdout
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The step watchdog.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_watchdog_fires_only_when_armed_and_not_paused():
+    exits = []
+    with watchdog.StepWatchdog(0.3, exit_fn=exits.append, poll_s=0.02) as dog:
+        time.sleep(0.6)  # not armed yet: the first step (compilation) has not finished
+        assert exits == []
+        dog.step_finished(1)
+        with dog.paused():  # evaluation / checkpointing
+            time.sleep(0.6)
+        assert exits == []
+        time.sleep(0.8)
+    assert exits == [watchdog.WATCHDOG_EXIT_CODE]
+
+
+def test_automatic_timeout_is_generous_and_needs_samples():
+    dog = watchdog.StepWatchdog(None, exit_fn=lambda code: None)
+    for step in range(1, watchdog.AUTO_MIN_SAMPLES + 1):
+        dog.step_finished(step)
+        assert dog.timeout() is None
+    dog.step_finished(watchdog.AUTO_MIN_SAMPLES + 1)
+    assert dog.timeout() == watchdog.AUTO_MIN_TIMEOUT_S  # 10 x a tiny median is below the floor
+
+
+SLEEPY_LOSS = textwrap.dedent('''
+    """A loss whose step sleeps for ten minutes from its 31st call on (a stuck process)."""
+    import time
+
+    import jax
+
+    from softnce import losses
+
+    calls = []
+
+
+    def _maybe_sleep(_):
+        calls.append(1)
+        if len(calls) > 30:
+            time.sleep(600)
+
+
+    @losses.register_loss("sleepy_nll")
+    def sleepy_nll(logits, inputs):
+        jax.debug.callback(_maybe_sleep, logits[0, 0])
+        return losses.nll(logits, inputs.labels)
+''')
+
+
+def test_watchdog_ends_a_run_whose_step_sleeps(tmp_path, cli_env):
+    (tmp_path / "sleepy_loss.py").write_text(SLEEPY_LOSS)
+    env = dict(cli_env, PYTHONPATH=f"{tmp_path}{os.pathsep}{cli_env.get('PYTHONPATH', '')}")
+    cmd = [sys.executable, "-m", "softnce.main", "--import_modules=sleepy_loss",
+           "--config=configs/digits.py:loss=nll,steps=200", "--config.loss.name=sleepy_nll",
+           "--config.step_timeout_s=3", "--num_cpu_devices=1", f"--workdir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # < the sleep
+    assert proc.returncode == watchdog.WATCHDOG_EXIT_CODE, (proc.stdout + proc.stderr)[-3000:]
+    assert "watchdog: no train step finished for" in proc.stderr
+    assert "after step 30 on process 0" in proc.stderr
