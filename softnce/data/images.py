@@ -1,17 +1,24 @@
 """tfds + tf.data image pipelines (ImageNet-1k, CIFAR-100, Tiny ImageNet) behind the Dataset interface.
 
 Each process builds one :class:`ImageDataset` with :func:`make_image_dataset`. Training reads
-``num_shards`` shards of the train split (``tfds.even_splits(split, n=num_shards)``); process ``p`` of
+``num_shards`` shards of the training examples (``tfds.even_splits(split, n=num_shards)``); process ``p`` of
 ``P`` owns shards ``[p S/P, (p+1) S/P)`` and concatenates one batch of each, in shard order, so the
 global batch depends on ``num_shards`` but not on the number of processes (1 process x 8 devices and
 2 processes x 4 devices see the same global batches). Evaluation reads
-``tfds.even_splits(split, n=process_count)[process_index]``. Batches are numpy: ``inputs`` float32
-``[B, S, S, 3]`` (normalised with the dataset's mean/std), ``label`` int32 ``[B]`` and, for
-evaluation, ``mask`` bool ``[B]``.
+``tfds.even_splits(split, n=process_count)[process_index]``. Batches are numpy: ``inputs`` uint8
+``[B, S, S, 3]``, ``label`` int32 ``[B]`` and, for evaluation, ``mask`` bool ``[B]``.
 
-Training (timm's transform of the reference recipe, see :mod:`softnce.data.image_augment`):
-random resized crop to ``S`` (bicubic), horizontal flip, RandAugment, normalisation, random erasing.
-Evaluation: shorter side to ``floor(S / 0.875)`` (bicubic), centre crop ``S``, normalisation.
+Training is timm's transform of the reference recipe, split between host and accelerator. The host
+(tf.data, Pillow through ``tf.numpy_function``, :mod:`softnce.data.image_augment`) decodes and takes
+the random resized crop to ``S`` (bicubic); the trainer then applies ``device_train_transform``
+(:class:`softnce.data.device_augment.TrainTransform`: horizontal flip, RandAugment, normalisation,
+random erasing) inside the jitted train step with one key per example. Evaluation: the host resizes
+the shorter side to ``floor(S / 0.875)`` (bicubic) and takes the centre crop ``S``;
+``device_eval_transform`` normalises.
+
+Validation: with ``validation_fraction = f > 0`` the first ``round(f n)`` examples of the train split
+(``train[:k]`` in tfds's split slicing) are the validation split and training reads the rest
+(``train[k:]``); the split is fixed by tfds's record order, so ``validation_seed`` has no effect here.
 
 TensorFlow is kept off the accelerators when this module is imported.
 """
@@ -29,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from softnce.data import device_augment
 from softnce.data import image_augment as augment
 from softnce.data import tiny_imagenet  # noqa: F401  (registers the 'tiny_imagenet' builder)
 from softnce.data.base import Batch, Dataset
@@ -38,7 +46,7 @@ try:  # TensorFlow must never take the GPU/TPU memory that JAX needs.
 except RuntimeError:  # Devices were already initialised (visible devices can then not change).
     pass
 
-EVAL_CROP_FRACTION = 0.875
+EVAL_CROP_FRACTION = augment.EVAL_CROP_FRACTION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +85,8 @@ def default_image_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="imagenet2012", data_dir=None, image_size=224, train_split=None, eval_split=None,
         num_train_examples=None, num_eval_examples=None, randaugment="rand-m9-mstd0.5-inc1",
-        random_erasing_prob=0.25, shuffle_buffer=16_384, cache=False, cache_dir=None, num_shards=None))
+        random_erasing_prob=0.25, shuffle_buffer=16_384, cache=False, cache_dir=None, num_shards=None,
+        host_threads=None, validation_fraction=0.0, validation_seed=0))
 
 
 def make_image_dataset(config: ml_collections.ConfigDict, *, process_index: int,
@@ -100,15 +109,25 @@ def make_image_dataset(config: ml_collections.ConfigDict, *, process_index: int,
         global batches whatever the number of processes.
       cache: keep the encoded examples of this process's shares in memory after the first pass.
       cache_dir: where ``train_label_counts`` stores its ``.npy`` (None: the dataset's directory).
+      host_threads: threads of each tf.data pipeline's private pool that decode and crop (None:
+        tf.data's shared pool, one thread per host core); an int >= 1 caps the host's input work.
+      validation_fraction: in ``[0, 1)``; the first ``round(f * num_train_examples)`` training
+        examples become the validation split (0: none).
+      validation_seed: unused by tfds datasets (the split is the first examples in record order).
 
     Raises:
       FileNotFoundError: the dataset was never prepared in ``data_dir`` (the message says how).
-      ValueError: unknown dataset name, bad process index, or split sizes that are unknown.
+      ValueError: unknown dataset name, bad process index, split sizes that are unknown, or a
+        validation fraction outside ``[0, 1)``.
     """
     full = default_image_config()
     full.update(dict(config))
     if full.name not in SPECS:
         raise ValueError(f"Unknown image dataset {full.name!r}; choose one of {sorted(SPECS)}.")
+    if not 0.0 <= float(full.validation_fraction) < 1.0:
+        raise ValueError(f"config.data.validation_fraction={full.validation_fraction} must be in [0, 1).")
+    if full.host_threads is not None and int(full.host_threads) < 1:
+        raise ValueError(f"config.data.host_threads={full.host_threads} must be None or an integer >= 1.")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
     train_shards(full.num_shards, process_index=process_index, process_count=process_count)
@@ -160,13 +179,26 @@ class ImageDataset(Dataset):
         self.spec = spec
         self.process_index = process_index
         self.process_count = process_count
-        self.train_split = config.train_split or spec.train_split
         self.eval_split = config.eval_split or spec.eval_split
         self.num_classes = spec.num_classes
         self.example_shape = (config.image_size, config.image_size, 3)
-        self.num_train_examples = self._split_size(self.train_split, config.num_train_examples)
+        full_train_split = config.train_split or spec.train_split
+        num_train = self._split_size(full_train_split, config.num_train_examples)
+        self.num_validation_examples = int(round(float(config.validation_fraction) * num_train))
+        if self.num_validation_examples >= num_train:
+            raise ValueError(f"config.data.validation_fraction={config.validation_fraction} leaves no training "
+                             f"examples out of {num_train}.")
+        # tfds split slicing: the validation split is the first k examples, training the rest.
+        k = self.num_validation_examples
+        self.train_split = f"{full_train_split}[{k}:]" if k else full_train_split
+        self.validation_split = f"{full_train_split}[:{k}]" if k else None
+        self.num_train_examples = num_train - k
         self.num_eval_examples = self._split_size(self.eval_split, config.num_eval_examples)
-        self.rand_augment = augment.parse_rand_augment(config.randaugment) if config.randaugment else None
+        rand_augment = device_augment.parse_rand_augment(config.randaugment) if config.randaugment else None
+        self.device_train_transform = device_augment.TrainTransform(
+            mean=spec.mean, std=spec.std, rand_augment=rand_augment,
+            erasing_prob=float(config.random_erasing_prob))
+        self.device_eval_transform = device_augment.EvalTransform(mean=spec.mean, std=spec.std)
         self.num_shards, self.shards = train_shards(config.num_shards, process_index=process_index,
                                                     process_count=process_count)
 
@@ -234,7 +266,7 @@ class ImageDataset(Dataset):
         else:
             ds = tf.data.Dataset.zip(streams).map(
                 lambda *batches: {key: tf.concat([b[key] for b in batches], axis=0) for key in batches[0]})
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(_deterministic_options())
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(self._options())
 
     def _per_shard_batch(self, batch_size: int) -> int:
         shards = len(self.shards)
@@ -250,7 +282,7 @@ class ImageDataset(Dataset):
         entropy = np.random.SeedSequence([seed, shard, start_step]).generate_state(3)
         file_seed, shuffle_seed = int(entropy[0]), int(entropy[1])
         example_key = tf.constant([entropy[2] >> 1, seed & 0x7FFFFFFF], tf.int64)
-        read_config = tfds.ReadConfig(shuffle_seed=file_seed, options=_deterministic_options())
+        read_config = tfds.ReadConfig(shuffle_seed=file_seed, options=self._options())
         split = tfds.even_splits(self.train_split, n=self.num_shards)[shard]
         ds = self.builder.as_dataset(split=split, shuffle_files=True,
                                      decoders={"image": tfds.decode.SkipDecoding()}, read_config=read_config)
@@ -267,16 +299,14 @@ class ImageDataset(Dataset):
         ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.batch(batch_size, drop_remainder=True)
 
-    def train_preprocess(self, image_bytes: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
-        """Encoded image -> float32 ``[S, S, 3]``: crop, flip, RandAugment, normalise, erase."""
-        crop_key, flip_key, ra_key, erase_key = tf.unstack(tf.random.experimental.stateless_split(key, 4))
-        image = augment.decode_and_random_resized_crop(image_bytes, self.config.image_size, crop_key)
-        image = augment.random_flip_left_right(image, flip_key)
-        if self.rand_augment is not None:
-            image = augment.rand_augment(image, ra_key, self.rand_augment)
-        image = augment.normalize(image, self.spec.mean, self.spec.std)
-        if self.config.random_erasing_prob > 0:
-            image = augment.random_erasing(image, erase_key, prob=self.config.random_erasing_prob)
+    def train_preprocess(self, image_bytes: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """Encoded image -> uint8 ``[S, S, 3]``: the random resized crop (host half of the transform).
+
+        ``seed`` (int64 ``[2]``) alone decides the crop box.
+        """
+        size = self.config.image_size
+        image = tf.numpy_function(lambda data, s: augment.random_resized_crop(data, s, size),
+                                  [image_bytes, seed], tf.uint8, stateful=False)
         image.set_shape(self.example_shape)
         return image
 
@@ -289,29 +319,51 @@ class ImageDataset(Dataset):
         """One pass over this process's share of the eval split; padding has ``mask`` False."""
         return self.eval_dataset(batch_size).as_numpy_iterator()
 
+    def num_validation_batches(self, batch_size: int) -> int:
+        """``ceil(num_validation_examples / (batch_size * process_count))``, the same on every process."""
+        return math.ceil(self.num_validation_examples / (batch_size * self.process_count))
+
+    def validation_batches(self, batch_size: int) -> Iterator[Batch]:
+        """One pass over this process's share of the validation split, padded like :meth:`eval_batches`."""
+        if not self.num_validation_examples:
+            return super().validation_batches(batch_size)
+        return self._unaugmented_dataset(self.validation_split, self.num_validation_batches(batch_size),
+                                         batch_size).as_numpy_iterator()
+
     def eval_dataset(self, batch_size: int) -> tf.data.Dataset:
         """The ``tf.data`` pipeline behind :meth:`eval_batches`."""
-        ds = self.builder.as_dataset(split=self._process_split(self.eval_split), shuffle_files=False,
+        return self._unaugmented_dataset(self.eval_split, self.num_eval_batches(batch_size), batch_size)
+
+    def _unaugmented_dataset(self, split: str, num_batches: int, batch_size: int) -> tf.data.Dataset:
+        """This process's share of ``split``: resized, centre-cropped, padded to ``num_batches`` batches."""
+        ds = self.builder.as_dataset(split=self._process_split(split), shuffle_files=False,
                                      decoders={"image": tfds.decode.SkipDecoding()},
-                                     read_config=tfds.ReadConfig(options=_deterministic_options()))
+                                     read_config=tfds.ReadConfig(options=self._options()))
         if self.config.cache:
             ds = ds.cache()
         ds = ds.map(lambda ex: {"inputs": self.eval_preprocess(ex["image"]),
                                 "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True)},
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         padding = tf.data.Dataset.from_tensors({
-            "inputs": tf.zeros(self.example_shape, tf.float32), "label": tf.constant(0, tf.int32),
+            "inputs": tf.zeros(self.example_shape, tf.uint8), "label": tf.constant(0, tf.int32),
             "mask": tf.constant(False)}).repeat()
-        ds = ds.concatenate(padding).take(self.num_eval_batches(batch_size) * batch_size)
+        ds = ds.concatenate(padding).take(num_batches * batch_size)
         return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
     def eval_preprocess(self, image_bytes: tf.Tensor) -> tf.Tensor:
-        """Encoded image -> float32 ``[S, S, 3]``: bicubic resize of the shorter side, centre crop."""
+        """Encoded image -> uint8 ``[S, S, 3]``: bicubic resize of the shorter side, centre crop."""
         size = self.config.image_size
-        image = augment.decode_image_rgb(image_bytes)
-        image = augment.resize_shorter_side(image, int(math.floor(size / EVAL_CROP_FRACTION)))
-        image = augment.center_crop(image, size)
-        return augment.normalize(image, self.spec.mean, self.spec.std)
+        image = tf.numpy_function(lambda data: augment.resize_and_center_crop(data, size),
+                                  [image_bytes], tf.uint8, stateful=False)
+        image.set_shape(self.example_shape)
+        return image
+
+    def _options(self) -> tf.data.Options:
+        """Deterministic tf.data options, with a private pool of ``host_threads`` threads if set."""
+        options = _deterministic_options()
+        if self.config.host_threads is not None:
+            options.threading.private_threadpool_size = int(self.config.host_threads)
+        return options
 
 
 def _deterministic_options() -> tf.data.Options:
