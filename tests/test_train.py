@@ -181,3 +181,71 @@ def test_a_new_loss_trains_without_touching_the_trainer(tmp_path):
         del losses.LOSSES["test_brier"]
     assert calls and calls[0] == (8, 10)  # per device: 64 examples over 8 devices
     assert np.isfinite(result["nll"]) and result["top1"] > 0.3
+
+
+def test_device_input_transform_gets_the_same_per_example_keys_on_1_and_8_devices():
+    """A dataset's device_train_transform (here: per-example Gaussian noise) sees one key per example
+    that depends on the example's global index, not on the device that holds it."""
+    from flax.training import train_state
+    import functools
+    import optax
+
+    from softnce import distributed, models, targets
+
+    def noisy(keys, inputs):
+        noise = jax.vmap(lambda k: jax.random.normal(k, inputs.shape[1:]))(keys)
+        return inputs + 0.5 * noise
+
+    x, y, _, _ = load_digits_split()
+    batch = {"inputs": x[:64], "label": y[:64].astype(np.int32)}
+    model = models.get_model(small_config().model, 10)
+    params = jax.device_get(model.init(jax.random.PRNGKey(0), batch["inputs"][:1], train=False)["params"])
+
+    def new_state():
+        return train_state.TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.array, params), tx=optax.sgd(0.1))
+
+    kwargs = dict(loss_fn=losses.get_loss("nll").fn, num_classes=10, mix_config=targets.MixConfig(), temperature=1.0)
+    key = jax.random.PRNGKey(3)
+    one = jax.jit(functools.partial(train.train_step, axis_name=None, input_transform=noisy, **kwargs))
+    state_1, metrics_1 = one(new_state(), batch, key, None)
+    plain = jax.jit(functools.partial(train.train_step, axis_name=None, **kwargs))
+    _, metrics_plain = plain(new_state(), batch, key, None)
+    mesh = distributed.make_mesh()
+    sharded = train.make_sharded_train_step(mesh, input_transform=noisy, **kwargs)
+    state_8, metrics_8 = sharded(new_state(), distributed.global_batch(mesh, batch), key, None)
+
+    assert abs(float(metrics_1["loss"]) - float(metrics_plain["loss"])) > 1e-3  # the transform ran
+    np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state_8.params, state_1.params)
+
+
+def test_temperature_is_fitted_on_validation_only_and_test_metrics_reported_at_it(tmp_path):
+    """metrics.json's temperature, nll_calibrated and ece_calibrated against an independent float64
+    computation from the final parameters: t* minimises the validation NLL; the test NLL is at t*."""
+    from scipy.special import log_softmax
+
+    from softnce import evaluation, models
+    from softnce.data import get_dataset
+
+    config = small_config()
+    result = train.train_and_evaluate(config, str(tmp_path))
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    assert {"temperature", "nll_calibrated", "ece_calibrated"} <= set(metrics) and metrics["temperature"] == result["temperature"]
+
+    dataset = get_dataset(config.data)
+    assert dataset.num_validation_examples == round(0.1 * 1257)
+    params = latest_params(str(tmp_path))[1]
+    apply = jax.jit(lambda x: models.get_model(config.model, 10).apply({"params": params}, x, train=False))
+    val_z = np.asarray(apply(dataset.val_inputs), np.float64)
+    test_z = np.asarray(apply(dataset.eval_inputs), np.float64)
+
+    def nll(z, labels, t):
+        return -np.mean(log_softmax(z / t, axis=1)[np.arange(len(labels)), labels])
+
+    t_star = metrics["temperature"]
+    val_nll = lambda t: nll(val_z, dataset.val_labels, t)  # noqa: E731
+    assert val_nll(t_star) <= min(val_nll(t_star * 0.97), val_nll(t_star * 1.03)) + 1e-9  # a minimum
+    assert metrics["nll_calibrated"] == pytest.approx(nll(test_z, dataset.eval_labels, t_star), rel=1e-4)
+    assert metrics["nll"] == pytest.approx(nll(test_z, dataset.eval_labels, 1.0), rel=1e-4)
+    # Fitting on the test split instead would give a different temperature.
+    assert abs(evaluation.fit_temperature(test_z, dataset.eval_labels) - t_star) > 1e-4
