@@ -88,7 +88,8 @@ def paired_table(results: dict, reference: str = REFERENCE_LOSS) -> str:
     if reference not in results or not others:
         return ""
     cols = [m for m in metrics if any(paired_differences(results, reference, o, m[0]) is not None for o in others)]
-    lines = [f"| {reference} minus | " + " | ".join(f"Δ {m[1]}" for m in cols) + " |",
+    titles = [f"Δ {m[1]}".replace("(%)", "(points)") for m in cols]  # differences of percentages
+    lines = [f"| {reference} minus | " + " | ".join(titles) + " |",
              "|---|" + "---|" * len(cols)]
     for other in others:
         cells = []
