@@ -40,6 +40,8 @@ def get_config(arg=None):
     config.eval_every_steps = args["steps"]
     config.checkpoint_every_steps = args["steps"]
     config.max_checkpoints = 1
+    config.step_timeout_s = config_utils.none(float)  # the step watchdog; None = automatic (softnce.watchdog)
+    config.max_steps_in_flight = config_utils.none(int)  # None = 1 on CPU, 2 on accelerators
 
     config.data = ml_collections.ConfigDict(dict(
         name="fashion_mnist", data_dir=config_utils.none(str), batch_size=128, eval_batch_size=1000,

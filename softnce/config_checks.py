@@ -111,6 +111,7 @@ RULES: dict[str, Range] = {
     "data.random_erasing_prob": probability("probability of random erasing"),
     "data.shuffle_buffer": count(1, "examples in the shuffle buffer"),
     "data.num_shards": count(1, "shards of the training split (None = the process count)", allow_none=True),
+    "data.host_threads": count(1, "host threads decoding and cropping images (None = all cores)", allow_none=True),
     # Model.
     "model.hidden_sizes": count(1, "units per hidden layer"),
     "model.channels": count(1, "channels of each convolutional stage (small_cnn)"),
