@@ -2,8 +2,10 @@
 
 Every run is the real trainer (``softnce.train.train_and_evaluate``) on a config built by the
 caller's ``make_config(loss, seed)``. Runs go seed by seed (all losses of seed 0, then of seed 1,
-...), so a grid stopped early still holds complete, paired seeds; running the same command again
-continues it (a finished run's workdir is resumed, which only re-evaluates it).
+...), so a grid stopped early still holds complete, paired seeds. Running again with the same
+``out`` continues it: runs that finished (recorded in ``results.json`` and with a final
+``metrics.json``) are kept as they are, an interrupted run resumes from its checkpoint, and a
+larger ``seeds`` adds seeds to a finished grid.
 
 Outputs in ``out``: ``results.json`` (every run's ``metrics.json`` and wall time, rewritten after
 each run), ``table.md`` (:func:`metrics_table` and :func:`paired_table`) and ``reliability.png``
@@ -129,21 +131,29 @@ def run_grid(
 
     Returns:
       ``{'results': {loss: {'targets', 'metrics': [metrics.json + seed, wall_seconds]}},
-      'wall_seconds', 'tables'}``.
+      'wall_seconds' (this invocation), 'run_seconds' (the sum over all runs), 'tables'}``.
     """
     from softnce import evaluation, train
 
     os.makedirs(out, exist_ok=True)
+    finished = _finished_runs(out)
     results = {loss: {"targets": targets_description(make_config(loss, 0)), "metrics": []} for loss in losses}
     sums, calibrated_sums = {}, {}
-    start, total, done = time.time(), len(losses) * seeds, 0
+    start, total, done, trained = time.time(), len(losses) * seeds, 0, 0
     for seed in range(seeds):
         for loss in losses:
             workdir = os.path.join(out, f"{loss}_seed{seed}")
-            run_start = time.time()
-            metrics = train.train_and_evaluate(make_config(loss, seed), workdir)
-            run_seconds = time.time() - run_start
-            results[loss]["metrics"].append(dict(metrics, seed=seed, wall_seconds=run_seconds))
+            config = make_config(loss, seed)
+            record = finished.get((loss, seed))
+            if record is not None and _metrics_step(workdir) == config.num_train_steps:
+                status = "done before"  # a finished run of an earlier invocation: kept as it was
+            else:
+                run_start = time.time()
+                metrics = train.train_and_evaluate(config, workdir)
+                record = dict(metrics, seed=seed, wall_seconds=time.time() - run_start)
+                trained += 1
+                status = f"run {_format_seconds(record['wall_seconds'])}"
+            results[loss]["metrics"].append(record)
             for store, name in ((sums, "eval_sums.json"), (calibrated_sums, "eval_sums_calibrated.json")):
                 path = os.path.join(workdir, name)
                 if os.path.exists(path):
@@ -151,26 +161,49 @@ def run_grid(
                         store[loss] = evaluation.add_sums(store.get(loss), json.load(f))
             done += 1
             elapsed = time.time() - start
-            shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("top1", "nll", "ece", "temperature", "ece_calibrated")
-                              if k in metrics)
-            log(f"[{done}/{total}] seed {seed} {loss}: {shown} | run {_format_seconds(run_seconds)}, "
-                f"elapsed {_format_seconds(elapsed)}, ETA {_format_seconds(elapsed / done * (total - done))}")
+            eta = elapsed / trained * (total - done) if trained else float("nan")
+            shown = ", ".join(f"{k} {record[k]:.4f}" for k in ("top1", "nll", "ece", "temperature", "ece_calibrated")
+                              if k in record)
+            log(f"[{done}/{total}] seed {seed} {loss}: {shown} | {status}, elapsed {_format_seconds(elapsed)}, "
+                f"ETA {_format_seconds(eta) if trained else '?'}")
             _write_json(os.path.join(out, "results.json"),
                         {"results": results, "wall_seconds": elapsed, "complete": done == total})
     wall = time.time() - start
+    run_seconds = sum(r["wall_seconds"] for runs in results.values() for r in runs["metrics"])
     tables = metrics_table(results) + "\n\n" + paired_table(results)
     with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(tables + f"\n\n{len(losses)} losses x {seeds} seeds; total {_format_seconds(wall)} ({wall:.0f} s).\n")
+        f.write(tables + f"\n\n{len(losses)} losses x {seeds} seeds; sum of the run times {_format_seconds(run_seconds)}"
+                f" ({run_seconds:.0f} s); this invocation {_format_seconds(wall)} ({trained} runs trained).\n")
     _write_json(os.path.join(out, "results.json"),
-                {"results": results, "wall_seconds": wall, "complete": True})
+                {"results": results, "wall_seconds": wall, "run_seconds": run_seconds, "complete": True})
     evaluation.plot_reliability_diagram(sums, os.path.join(out, "reliability.png"),
                                         title=f"{title}, t = 1, {seeds} seeds pooled")
     if len(calibrated_sums) == len(losses):
         evaluation.plot_reliability_diagram(calibrated_sums, os.path.join(out, "reliability_calibrated.png"),
                                             title=f"{title}, at the fitted t*, {seeds} seeds pooled")
     log(tables)
-    log(f"total {_format_seconds(wall)}; wrote {out}/table.md, results.json, reliability.png")
-    return {"results": results, "wall_seconds": wall, "tables": tables}
+    log(f"this invocation {_format_seconds(wall)}, sum of the run times {_format_seconds(run_seconds)}; "
+        f"wrote {out}/table.md, results.json, reliability.png")
+    return {"results": results, "wall_seconds": wall, "run_seconds": run_seconds, "tables": tables}
+
+
+def _finished_runs(out: str) -> dict:
+    """``{(loss, seed): record}`` from an earlier invocation's ``results.json`` in ``out`` (or empty)."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        saved = json.load(f)["results"]
+    return {(loss, r["seed"]): r for loss, runs in saved.items() for r in runs["metrics"]}
+
+
+def _metrics_step(workdir: str) -> Optional[int]:
+    """The step of ``workdir/metrics.json`` (written when a run finishes), or ``None``."""
+    path = os.path.join(workdir, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("step")
 
 
 def _write_json(path: str, obj) -> None:

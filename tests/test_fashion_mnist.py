@@ -266,6 +266,14 @@ def test_comparison_script_end_to_end(prepared, tmp_path):
     assert (out / "reliability.png").exists()
     saved = json.load(open(out / "results.json"))
     assert saved["complete"] and len(saved["results"]["soft_target_infonce"]["metrics"]) == 1
+    # Running again with more seeds keeps the finished run and trains only the new seed.
+    again = fashion_comparison.main([
+        "--seeds", "2", "--steps", "2", "--losses", "nll", "--data_dir", data_dir, "--out", str(out),
+        *[arg for s in sets for arg in ("--set", s)],
+    ])["results"]["nll"]["metrics"]
+    assert [r["seed"] for r in again] == [0, 1]
+    assert again[0] == runs["nll"]["metrics"][0]
+    assert "1 runs trained" in (out / "table.md").read_text()
 
 
 def test_paired_table_against_hand_computed_values():
