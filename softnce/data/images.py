@@ -280,8 +280,7 @@ class ImageDataset(Dataset):
     def shard_dataset(self, shard: int, batch_size: int, *, seed: int, start_step: int = 0) -> tf.data.Dataset:
         """Endless batches of ``batch_size`` from training shard ``shard`` of ``num_shards``."""
         entropy = np.random.SeedSequence([seed, shard, start_step]).generate_state(3)
-        file_seed, shuffle_seed = int(entropy[0]), int(entropy[1])
-        example_key = tf.constant([entropy[2] >> 1, seed & 0x7FFFFFFF], tf.int64)
+        file_seed, shuffle_seed, crop_key = int(entropy[0]), int(entropy[1]), int(entropy[2])
         read_config = tfds.ReadConfig(shuffle_seed=file_seed, options=self._options())
         split = tfds.even_splits(self.train_split, n=self.num_shards)[shard]
         ds = self.builder.as_dataset(split=split, shuffle_files=True,
@@ -290,25 +289,31 @@ class ImageDataset(Dataset):
         if self.config.cache:
             ds = ds.cache()
         ds = ds.repeat().shuffle(self.config.shuffle_buffer, seed=shuffle_seed).enumerate()
+        ds = ds.batch(batch_size, drop_remainder=True)  # crops are made a batch per call (less overhead)
 
         def preprocess(index, example):
             image_bytes, label = example
-            key = tf.random.experimental.stateless_fold_in(example_key, index)
-            return {"inputs": self.train_preprocess(image_bytes, key), "label": tf.cast(label, tf.int32)}
+            seeds = tf.stack([tf.fill(tf.shape(index), tf.constant(crop_key, tf.int64)), index], axis=1)
+            return {"inputs": self.train_preprocess(image_bytes, seeds), "label": tf.cast(label, tf.int32)}
 
-        ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.batch(batch_size, drop_remainder=True)
+        return ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-    def train_preprocess(self, image_bytes: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        """Encoded image -> uint8 ``[S, S, 3]``: the random resized crop (host half of the transform).
+    def train_preprocess(self, image_bytes: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
+        """Encoded images ``[B]`` -> uint8 ``[B, S, S, 3]``: random resized crops (the host half).
 
-        ``seed`` (int64 ``[2]``) alone decides the crop box.
+        ``seeds`` int64 ``[B, 2]``: example ``i``'s crop box is a function of ``seeds[i]`` alone.
         """
         size = self.config.image_size
-        image = tf.numpy_function(lambda data, s: augment.random_resized_crop(data, s, size),
-                                  [image_bytes, seed], tf.uint8, stateful=False)
-        image.set_shape(self.example_shape)
-        return image
+
+        def crops(data, seed_rows):
+            out = np.empty((len(data), size, size, 3), np.uint8)
+            for i, (encoded, example_seed) in enumerate(zip(data, seed_rows)):
+                out[i] = augment.random_resized_crop(encoded, example_seed, size)
+            return out
+
+        images = tf.numpy_function(crops, [image_bytes, seeds], tf.uint8, stateful=False)
+        images.set_shape([image_bytes.shape[0], *self.example_shape])
+        return images
 
     # ------------------------------------------------------------------ evaluation
     def num_eval_batches(self, batch_size: int) -> int:
@@ -341,22 +346,30 @@ class ImageDataset(Dataset):
                                      read_config=tfds.ReadConfig(options=self._options()))
         if self.config.cache:
             ds = ds.cache()
-        ds = ds.map(lambda ex: {"inputs": self.eval_preprocess(ex["image"]),
-                                "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True)},
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(lambda ex: {"inputs": ex["image"], "label": tf.cast(ex["label"], tf.int32),
+                                "mask": tf.constant(True)})
         padding = tf.data.Dataset.from_tensors({
-            "inputs": tf.zeros(self.example_shape, tf.uint8), "label": tf.constant(0, tf.int32),
-            "mask": tf.constant(False)}).repeat()
-        ds = ds.concatenate(padding).take(num_batches * batch_size)
-        return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+            "inputs": tf.constant(b""), "label": tf.constant(0, tf.int32), "mask": tf.constant(False)}).repeat()
+        ds = ds.concatenate(padding).take(num_batches * batch_size).batch(batch_size, drop_remainder=True)
+        ds = ds.map(lambda b: dict(b, inputs=self.eval_preprocess(b["inputs"])),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.prefetch(tf.data.AUTOTUNE)
 
     def eval_preprocess(self, image_bytes: tf.Tensor) -> tf.Tensor:
-        """Encoded image -> uint8 ``[S, S, 3]``: bicubic resize of the shorter side, centre crop."""
+        """Encoded images ``[B]`` -> uint8 ``[B, S, S, 3]``: bicubic resize of the shorter side, centre
+        crop; an empty string (padding) gives zeros."""
         size = self.config.image_size
-        image = tf.numpy_function(lambda data: augment.resize_and_center_crop(data, size),
-                                  [image_bytes], tf.uint8, stateful=False)
-        image.set_shape(self.example_shape)
-        return image
+
+        def crops(data):
+            out = np.zeros((len(data), size, size, 3), np.uint8)
+            for i, encoded in enumerate(data):
+                if encoded:
+                    out[i] = augment.resize_and_center_crop(encoded, size)
+            return out
+
+        images = tf.numpy_function(crops, [image_bytes], tf.uint8, stateful=False)
+        images.set_shape([image_bytes.shape[0], *self.example_shape])
+        return images
 
     def _options(self) -> tf.data.Options:
         """Deterministic tf.data options, with a private pool of ``host_threads`` threads if set."""
