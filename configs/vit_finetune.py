@@ -68,6 +68,8 @@ def get_config(arg=None):
         image_size=224, train_split=config_utils.none(str), eval_split=config_utils.none(str), num_train_examples=config_utils.none(int),
         num_eval_examples=config_utils.none(int), randaugment="rand-m9-mstd0.5-inc1", random_erasing_prob=0.25,
         shuffle_buffer=16_384, cache=False, cache_dir=config_utils.none(str), num_shards=config_utils.none(int),
+        host_threads=config_utils.none(int),  # tf.data threads decoding and cropping (None: all cores)
+        validation_fraction=0.01, validation_seed=0,  # first 1% of train held out for the temperature fit
     ))
     config.model = ml_collections.ConfigDict(dict(name=args["model"], drop_path_rate=0.1, dtype="bfloat16"))
     config.loss = ml_collections.ConfigDict(
