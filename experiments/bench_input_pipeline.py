@@ -108,6 +108,9 @@ def build_tfds_dataset(root: str, jpegs: list[bytes], copies: int) -> str:
         annotations.append(f"val_{wnid}.JPEG\t{wnid}\t0\t0\t1\t1")
     with open(os.path.join(folder, "val", "val_annotations.txt"), "w") as f:
         f.write("\n".join(annotations) + "\n")
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
     images.prepare("tiny_imagenet", root)
     return root
 
