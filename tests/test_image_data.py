@@ -187,6 +187,32 @@ def test_train_transform_is_per_example_and_normalises():
         transform(keys, batch.astype(np.float32))
 
 
+def test_train_transform_in_the_sharded_step_agrees_on_1_and_8_devices():
+    """The trainer's per-example keys (run key, step, global index) + the transform under shard_map."""
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    from softnce import train
+
+    mean, std = images.SPECS["imagenet2012"].mean, images.SPECS["imagenet2012"].std
+    transform = D.TrainTransform(mean, std, D.parse_rand_augment("rand-m9-mstd0.5-inc1"), erasing_prob=0.25)
+    batch = np.stack([np.roll(PHOTO[:32, :32], 3 * i, axis=i % 2) for i in range(16)])
+    rng = jax.random.fold_in(jax.random.PRNGKey(0), 7)
+
+    def per_device(rng, inputs, axis_name):
+        return transform(train.example_keys(rng, inputs.shape[0], axis_name), inputs)
+
+    outs = []
+    for n in (1, 8):
+        mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+        fn = jax.shard_map(lambda r, x: per_device(r, x, "data"), mesh=mesh, in_specs=(P(), P("data")),
+                           out_specs=P("data"))
+        outs.append(np.asarray(jax.jit(fn)(rng, batch)))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(jax.jit(lambda r, x: per_device(r, x, None))(rng, batch), outs[0])
+    assert len({o.tobytes() for o in outs[0]}) == 16
+
+
 # ----------------------------------------------------------------------------- host crops (Pillow)
 def test_random_resized_crop_box_constraints():
     boxes = np.array([A.sample_crop_box(60, 80, A.seeded_rng([i, 7])) for i in range(300)])
