@@ -40,6 +40,7 @@ Usage::
 
     python experiments/bench_input_pipeline.py              # about 2 minutes on the 2-core machine
     python experiments/bench_input_pipeline.py --seconds 1  # quicker, noisier
+    python experiments/bench_input_pipeline.py --quick      # smoke run (32 px, no timm)
 """
 
 from __future__ import annotations
@@ -115,11 +116,11 @@ def build_tfds_dataset(root: str, jpegs: list[bytes], copies: int) -> str:
     return root
 
 
-def make_dataset(data_dir: str, host_threads: int | None):
+def make_dataset(data_dir: str, host_threads: int | None, size: int = SIZE):
     from softnce.data import images
 
     config = images.default_image_config()
-    config.update(dict(name="tiny_imagenet", data_dir=data_dir, image_size=SIZE, shuffle_buffer=256,
+    config.update(dict(name="tiny_imagenet", data_dir=data_dir, image_size=size, shuffle_buffer=256,
                        host_threads=host_threads))
     return images.make_image_dataset(config, process_index=0, process_count=1)
 
@@ -165,7 +166,7 @@ def device_ms_per_image(dataset, batch: int, seconds: float) -> tuple[float, flo
 
 
 # ----------------------------------------------------------------------------- timm
-def _patched_timm_transform(is_training: bool):
+def _patched_timm_transform(is_training: bool, size: int = SIZE):
     from PIL import ImageOps
     from timm.data import auto_augment, create_transform
 
@@ -178,16 +179,16 @@ def _patched_timm_transform(is_training: bool):
 
     for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
         auto_augment.NAME_TO_OP[name] = posterize
-    return create_transform(SIZE, is_training=is_training, **RECIPE) if is_training else create_transform(
-        SIZE, is_training=False, interpolation="bicubic")
+    return create_transform(size, is_training=is_training, **RECIPE) if is_training else create_transform(
+        size, is_training=False, interpolation="bicubic")
 
 
 def _timm_worker(args) -> tuple[int, float, float]:
-    jpegs, is_training, seconds = args
+    jpegs, is_training, seconds, size = args
     import torch
 
     torch.set_num_threads(1)
-    transform = _patched_timm_transform(is_training)
+    transform = _patched_timm_transform(is_training, size)
     run = lambda i: transform(Image.open(io.BytesIO(jpegs[i % len(jpegs)])).convert("RGB"))  # noqa: E731
     for i in range(5):
         run(i)
@@ -198,13 +199,14 @@ def _timm_worker(args) -> tuple[int, float, float]:
     return count, time.perf_counter() - start, time.process_time() - cpu
 
 
-def timm_rate(jpegs: list[bytes], is_training: bool, processes: int, seconds: float) -> tuple[float, float]:
+def timm_rate(jpegs: list[bytes], is_training: bool, processes: int, seconds: float,
+              size: int = SIZE) -> tuple[float, float]:
     """timm's transform in ``processes`` single-threaded processes: (img/s, img/CPU-s).
 
     Always in spawned processes: torch and TensorFlow in one process can crash each other.
     """
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        results = pool.map(_timm_worker, [(jpegs, is_training, seconds)] * processes)
+        results = pool.map(_timm_worker, [(jpegs, is_training, seconds, size)] * processes)
     return (sum(count / wall for count, wall, _ in results),
             sum(count for count, _, _ in results) / sum(cpu for _, _, cpu in results))
 
@@ -224,7 +226,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="measuring time of each rate")
     parser.add_argument("--device-batch", type=int, default=32, help="batch of the device-half measurement")
+    parser.add_argument("--image-size", type=int, default=SIZE, help="crop side S (the recipe: 224)")
+    parser.add_argument("--skip-timm", action="store_true", help="measure softnce only")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 0.3 s per rate, 32 px, no timm")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.image_size, args.device_batch, args.skip_timm = 0.3, 32, 4, True
 
     import tensorflow as tf
 
@@ -233,11 +240,11 @@ def main(argv=None) -> None:
     sizes = [Image.open(io.BytesIO(j)).size for j in jpegs]
     print(f"photos: {len(jpegs)} JPEG q90, sizes (W x H) {', '.join(f'{w}x{h}' for w, h in sizes)}; "
           f"{cores} cores; load average {os.getloadavg()[0]:.2f}", flush=True)
-    with_timm = have_timm()
+    with_timm = not args.skip_timm and have_timm()
 
     with tempfile.TemporaryDirectory() as root:
         data_dir = build_tfds_dataset(root, jpegs, copies=32)
-        dataset = make_dataset(data_dir, None)
+        dataset = make_dataset(data_dir, None, args.image_size)
         train_fn = lambda i, b: dataset.train_preprocess(  # noqa: E731
             b, tf.stack([tf.fill(tf.shape(i), tf.constant(7, tf.int64)), i], axis=1))
         eval_fn = lambda i, b: dataset.eval_preprocess(b)  # noqa: E731
@@ -247,7 +254,7 @@ def main(argv=None) -> None:
         for threads in sorted({1, cores}):
             for name, fn, is_training in (("train", train_fn, True), ("eval", eval_fn, False)):
                 ours = tf_rate(fn, jpegs, threads, args.seconds)
-                theirs = timm_rate(jpegs, is_training, threads, args.seconds) if with_timm else nan
+                theirs = timm_rate(jpegs, is_training, threads, args.seconds, args.image_size) if with_timm else nan
                 rows.append((name, threads, ours, theirs))
                 print(f"  {name} transform, {threads} thread(s): softnce host {ours[0]:.0f} img/s "
                       f"({ours[1]:.0f} img/CPU-s), timm {theirs[0]:.0f} img/s ({theirs[1]:.0f} img/CPU-s)",
@@ -255,7 +262,7 @@ def main(argv=None) -> None:
         device_wall, device_cpu = device_ms_per_image(dataset, args.device_batch, args.seconds)
         end_to_end = {}
         for threads in sorted({1, cores}):
-            ds = make_dataset(data_dir, threads)
+            ds = make_dataset(data_dir, threads, args.image_size)
             end_to_end[threads] = _iterate_rate(ds.train_batches(32, seed=0), 32, args.seconds)
 
     print()
@@ -269,7 +276,8 @@ def main(argv=None) -> None:
         print(f"| {name} | {threads} | {ours[1]:.0f} | {theirs[1]:.0f} | {ours[1] / theirs[1]:.2f} "
               f"| {ours[0]:.0f} | {theirs[0]:.0f} | {ours[0] / theirs[0]:.2f} |")
     print()
-    print(f"device half (flip, RandAugment, normalise, erasing; jitted, batch {args.device_batch}, 224 px) on this "
+    print(f"device half (flip, RandAugment, normalise, erasing; jitted, batch {args.device_batch}, "
+          f"{args.image_size} px) on this "
           f"CPU: {device_wall:.2f} ms/image wall, {device_cpu:.2f} CPU-ms/image")
     for threads, (wall, cpu) in end_to_end.items():
         print(f"end to end: ImageDataset.train_batches(32) from tfds, host_threads={threads}: {wall:.0f} img/s "
