@@ -372,6 +372,16 @@ def test_validation_config_errors(mocked):
         images.make_image_dataset(_config("imagenet2012", mocked, host_threads=0), process_index=0, process_count=1)
 
 
+def test_host_threads_sets_the_private_pool(mocked):
+    config = _config("imagenet2012", mocked, num_train_examples=10, num_eval_examples=10, host_threads=3)
+    ds = images.make_image_dataset(config, process_index=0, process_count=1)
+    assert ds.train_dataset(4, seed=0).options().threading.private_threadpool_size == 3
+    assert ds.eval_dataset(4).options().threading.private_threadpool_size == 3
+    default = images.make_image_dataset(_config("imagenet2012", mocked, num_train_examples=10,
+                                                num_eval_examples=10), process_index=0, process_count=1)
+    assert not default.train_dataset(4, seed=0).options().threading.private_threadpool_size
+
+
 def test_not_prepared_error(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         images.make_image_dataset(_config("imagenet2012", tmp_path), process_index=0, process_count=1)

@@ -353,7 +353,7 @@ class ImageDataset(Dataset):
         ds = ds.concatenate(padding).take(num_batches * batch_size).batch(batch_size, drop_remainder=True)
         ds = ds.map(lambda b: dict(b, inputs=self.eval_preprocess(b["inputs"])),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.prefetch(tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(self._options())
 
     def eval_preprocess(self, image_bytes: tf.Tensor) -> tf.Tensor:
         """Encoded images ``[B]`` -> uint8 ``[B, S, S, 3]``: bicubic resize of the shorter side, centre
