@@ -29,6 +29,7 @@ setup(
         "absl-py==2.5.1",
         "scikit-learn==1.9.1",
         "matplotlib==3.11.2",
+        "Pillow==13.0.0",  # the host half of the image pipeline (softnce/data/image_augment.py)
         "tensorboard==2.21.0",
     ],
     extras_require={
