@@ -244,11 +244,12 @@ class ImageDataset(Dataset):
 
     # ------------------------------------------------------------------ training
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
-        """Endless shuffled, augmented batches of ``batch_size`` (this process's share).
+        """Endless shuffled batches of uint8 random resized crops, ``batch_size`` of them (this process's share).
 
-        A batch is the concatenation, in shard order, of ``batch_size / k`` examples from each of
-        this process's ``k`` shards. Each shard's stream is deterministic in ``(seed, shard,
-        start_step)`` (file order, shuffle and every augmentation draw), never in the process index.
+        The rest of the augmentation is ``device_train_transform``'s, in the train step. A batch is
+        the concatenation, in shard order, of ``batch_size / k`` examples from each of this
+        process's ``k`` shards. Each shard's stream is deterministic in ``(seed, shard, start_step)``
+        (file order, shuffle and every crop box), never in the process index.
         Resuming at ``start_step`` does not replay the exact stream an uninterrupted run would have
         seen; it reshuffles with a step-dependent seed (skipping ``start_step`` batches of ImageNet
         would cost as much as reading them).
