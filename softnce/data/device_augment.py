@@ -272,11 +272,12 @@ def affine_transform(image: jax.Array, matrix, fill: Sequence[int] = TIMM_FILL_C
     offsets = jnp.arange(-1, 3, dtype=jnp.int32)
     cols = jnp.clip(x0.astype(jnp.int32)[..., None] + offsets, 0, width - 1)  # [H, W, 4]
     rows = jnp.clip(y0.astype(jnp.int32)[..., None] + offsets, 0, height - 1)
-    index = rows[..., :, None] * width + cols[..., None, :]  # [H, W, 4 rows, 4 cols]
     flat = image.reshape(height * width, 3).astype(jnp.float32)
-    neighbours = jnp.take(flat, index, axis=0, mode="clip")  # [H, W, 4, 4, 3]
-    across = _pil_cubic([neighbours[:, :, :, k] for k in range(4)], dx[..., None, None])  # [H, W, 4, 3]
-    value = _pil_cubic([across[:, :, k] for k in range(4)], dy[..., None])  # [H, W, 3]
+    across = []  # one neighbour row at a time: [H, W, 4, 3] gathers, never a [H, W, 4, 4, 3] tensor
+    for r in range(4):
+        neighbours = jnp.take(flat, rows[..., r, None] * width + cols, axis=0, mode="clip")  # [H, W, 4, 3]
+        across.append(_pil_cubic([neighbours[:, :, k] for k in range(4)], dx[..., None]))  # [H, W, 3]
+    value = _pil_cubic(across, dy[..., None])  # [H, W, 3]
     value = jnp.floor(jnp.clip(value, 0.0, 255.0)).astype(jnp.uint8)
     return jnp.where(outside[..., None], jnp.asarray(fill, jnp.uint8), value)
 
