@@ -5,8 +5,10 @@ is :func:`set_up` (config checks, mesh, data, state, restore) followed by :func:
 
 The per-device step runs under ``jax.shard_map`` over the mesh axis ``'data'``: every device makes
 its own soft targets (label smoothing, MixUp/CutMix) with its own randomness, computes the loss of
-its ``N`` examples against the targets of the global batch (``axis_name='data'``), and the
-gradients are averaged over devices (``pmean``), so the update is that of the global-batch mean loss.
+its ``N`` examples against the targets of the global batch (``axis_name='data'``), and the loss is
+averaged over devices (``pmean``) inside the differentiated function, so the gradient (of the
+device-invariant params, summed over devices by the transpose of ``shard_map``) and the update are
+those of the global-batch mean loss.
 
 Start-up order: resume from the newest intact checkpoint in ``workdir/checkpoints`` (a damaged newer
 one is reported and moved aside), else the params of ``config.init.checkpoint`` (an earlier run),
