@@ -1,5 +1,5 @@
 """The paper's recipe: ViT-B/16 from MAE weights, fine-tuned with any loss on ImageNet-1k, CIFAR-100 or
-Tiny ImageNet (PAPER.md, "Training recipe of the reference").
+Tiny ImageNet (docs/method.md, "Training recipe of the reference").
 
 Launch (one host, or every worker of a Cloud TPU pod; see README "Running at scale")::
 

@@ -1,7 +1,7 @@
 """Classification losses: soft target InfoNCE (STI) and its baselines.
 
 Every loss is a pure function that returns the per-example loss, shape ``[N]``; the caller reduces.
-Notation (PAPER.md): ``N`` examples on this device, ``M`` examples in the global batch, ``C`` classes,
+Notation (docs/method.md): ``N`` examples on this device, ``M`` examples in the global batch, ``C`` classes,
 logits ``z`` ``[N, C]``, soft targets ``a`` (rows on the simplex), temperature ``t``, noise
 distribution ``eta`` over classes (passed as ``log_noise_probs = log(eta)``, shape ``[C]``).
 

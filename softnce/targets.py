@@ -2,7 +2,7 @@
 
 Pure, jittable ``jnp`` code with an explicit PRNG key, meant to run inside the jitted train step (per
 device under ``jax.shard_map``: give every device its own key). The semantics are those of
-``timm.data.Mixup`` as used by MAE fine-tuning (PAPER.md):
+``timm.data.Mixup`` as used by MAE fine-tuning (docs/method.md):
 
 1. label smoothing of the one-hot targets: ``t_i = (1 - e) one_hot(y_i) + e / C``;
 2. the batch is mixed with its reversed copy, sample ``i`` with partner ``N - 1 - i``:
@@ -83,7 +83,7 @@ class MixConfig:
       mode: ``'batch'``, ``'pair'`` or ``'elem'`` (see the module docstring).
       structured: also return :class:`StructuredTargets`.
 
-    The reference recipe (PAPER.md) is ``MixConfig(0.1, 0.8, 1.0, 0.8, 0.5, 'batch')``; the
+    The reference recipe (docs/method.md) is ``MixConfig(0.1, 0.8, 1.0, 0.8, 0.5, 'batch')``; the
     default is no smoothing and no mixing, which gives ``one_hot(labels)``.
     """
 

@@ -1,6 +1,6 @@
-"""Tests of softnce.losses against an independent float64 numpy reference and PAPER.md's properties.
+"""Tests of softnce.losses against an independent float64 numpy reference and the properties of docs/method.md.
 
-The numpy reference builds the reference code's ``[N, M, C]`` broadcast tensor (PAPER.md property 1:
+The numpy reference builds the reference code's ``[N, M, C]`` broadcast tensor (docs/method.md property 1:
 the library's matrix form must give the same numbers). JAX runs in float32; tolerances are set for
 float32 arithmetic on O(1)-O(10) scores.
 """
@@ -152,7 +152,7 @@ def test_docstring_examples():
 
 
 # --------------------------------------------------------------------------------------------------
-# Derived properties 2-6 of PAPER.md.
+# Derived properties 2-6 of docs/method.md.
 # --------------------------------------------------------------------------------------------------
 
 

@@ -61,7 +61,7 @@ def test_batch_mode_mixup_pairs_i_with_reversed_partner():
 
 
 def test_lambda_half_mixup_gives_partners_identical_targets():
-    """PAPER property 8: with lambda = 0.5 a sample and its partner have the same target."""
+    """docs/method.md property 8: with lambda = 0.5 a sample and its partner have the same target."""
     y = jnp.array([0, 1, 2, 3, 4, 5])
     cfg = T.MixConfig(label_smoothing=0.1, mixup_alpha=0.8)
     _, t = _jit_apply(_images(), y, _params(0.5, n=6), num_classes=6, config=cfg)
