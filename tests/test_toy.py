@@ -243,3 +243,70 @@ def test_batch_rows_are_epoch_permutations():
     assert not np.array_equal(rows[:3], rows[3:6])
     with pytest.raises(ValueError, match="larger than the training set"):
         te.batch_rows(seed=0, num_examples=10, batch_size=32, num_steps=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The temperature study (experiments/toy_temperature_study.py, docs/method.md "The toy finding").
+# --------------------------------------------------------------------------------------------------
+
+from experiments import toy_temperature_study as tts  # noqa: E402
+
+
+def test_population_scores_at_one_vote_are_the_log_posterior_ratio():
+    # m = 1: the targets are the vertices with weights pi, and the optimum is known in closed form,
+    # s = log p(y|x) - log pi (up to a per-row constant), including rows deep in the tails.
+    pi = toy.class_prior("imbalanced")
+    log_p = toy.true_log_posterior(np.random.default_rng(0).normal(size=(300, 2)) * 3, "imbalanced")
+    s, info = tts.population_scores(np.exp(log_p), np.eye(3), pi)
+    expected = log_p - np.log(pi)
+    centred = lambda v: v - v.mean(1, keepdims=True)  # noqa: E731
+    assert info["not_converged"] == 0 and np.exp(log_p).min() < 1e-8
+    np.testing.assert_allclose(centred(s), centred(expected), atol=1e-6)
+
+
+def test_population_scores_minimise_the_large_batch_loss():
+    # An independent minimiser (scipy BFGS on the same convex objective) agrees with the solver on a
+    # random marginal of soft targets.
+    from scipy.optimize import minimize
+    from scipy.special import logsumexp
+
+    rng = np.random.default_rng(1)
+    atoms = rng.dirichlet(np.ones(3), size=40)
+    weights = rng.dirichlet(np.ones(40))
+    probs = rng.dirichlet(2 * np.ones(3), size=5)
+    s, info = tts.population_scores(probs, atoms, weights)
+    assert info["not_converged"] == 0
+    for p, row in zip(probs, s):
+        phi = lambda v: -p @ np.r_[0.0, v] + logsumexp(atoms @ np.r_[0.0, v], b=weights)  # noqa: E731
+        ref = minimize(phi, np.zeros(2), method="BFGS", options={"gtol": 1e-10}).x
+        np.testing.assert_allclose(row[1:] - row[0], ref, atol=1e-4)
+
+
+def test_lattice_and_marginal_of_histograms():
+    counts = tts.lattice(4)
+    assert counts.shape == (15, 3) and np.all(counts.sum(1) == 4) and len({tuple(c) for c in counts}) == 15
+    atoms, weights = tts.target_marginal("balanced", 4, 20_000, 10, np.random.default_rng(2))
+    assert weights.sum() == pytest.approx(1.0) and np.all(weights > 0)
+    # The histograms are unbiased: the marginal's mean is the class prior (Monte Carlo, 20,000 inputs).
+    np.testing.assert_allclose(weights @ atoms, toy.class_prior("balanced"), atol=0.01)
+
+
+def test_reduced_temperature_study(tmp_path):
+    # Trained: STI on one vote is calibrated (t* ~ 1), on the true posterior it is overconfident.
+    # Predicted: the optimum is calibrated at m = 1 and needs t* > 1.6 at m = 10 (full study: 2.07).
+    settings = tts.StudySettings(
+        seeds=2, annotators=(1, math.inf), cells=((64, 300),), num_train=1000, num_val=1000, num_test=1000,
+        population_annotators=(1, 10), population_inputs=20_000, population_queries=500,
+        finite_batches=(16,), finite_annotators=(10,), finite_queries=8, finite_replicates=8,
+    )
+    result = tts.run_study(settings, str(tmp_path), log=lambda line: None)
+    for name in ("metrics.json", "summary.md", "temperature_study.png"):
+        assert os.path.getsize(tmp_path / name) > 100, name
+    trained = {s["m"]: s["temperature"]["mean"] for s in result["summary"]}
+    assert 0.8 < trained["1"] < 1.25
+    assert trained["inf"] > 1.5 and trained["inf"] > trained["1"] + 0.4
+    population = result["population"]["inf"]
+    assert population["1"]["temperature"] == pytest.approx(1.0, abs=0.1)
+    assert population["1"]["slope"] == pytest.approx(1.0, abs=0.02)
+    assert population["10"]["temperature"] > 1.6
+    assert np.isfinite(result["population"]["finite"]["16"]["10"]["temperature"])
