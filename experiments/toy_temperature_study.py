@@ -417,9 +417,10 @@ def plot_study(path: str, summary: list[dict], population: dict, settings: Study
         if m in population["inf"]:
             ax.axhline(population["inf"][m]["temperature"], color=f"C{i}", ls=":", lw=1)
         fin = [(int(b), population["finite"][b][m]) for b in population["finite"] if m in population["finite"][b]]
-        if fin:
-            ax.plot([b for b, _ in fin], [v["temperature"] for _, v in fin], marker="x", ls="--", color=f"C{i}",
-                    label=f"optimum at finite M, m = {m}")
+        if fin and m in population["inf"]:  # few queries: shown as the change from M = inf on the same queries
+            ax.plot([b for b, _ in fin], [v["temperature"] - v["temperature_inf_same_queries"] + population["inf"][m]["temperature"]
+                                          for _, v in fin], marker="x", ls="--", color=f"C{i}",
+                    label=f"optimum at finite M, m = {m} (offset)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"batch size M ({base_t} steps)")
     ax.set_ylabel("fitted temperature t*")
