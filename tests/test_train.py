@@ -249,3 +249,32 @@ def test_temperature_is_fitted_on_validation_only_and_test_metrics_reported_at_i
     assert metrics["nll"] == pytest.approx(nll(test_z, dataset.eval_labels, 1.0), rel=1e-4)
     # Fitting on the test split instead would give a different temperature.
     assert abs(evaluation.fit_temperature(test_z, dataset.eval_labels) - t_star) > 1e-4
+
+
+def _noisy_inputs(keys, inputs):
+    """A device_train_transform: per-example Gaussian noise drawn from the trainer's example keys."""
+    return inputs + 0.3 * jax.vmap(lambda k: jax.random.normal(k, inputs.shape[1:]))(keys)
+
+
+def make_noisy_digits_dataset(config, *, process_index, process_count):
+    from softnce.data import digits
+
+    dataset = digits.make_digits_dataset(config, process_index=process_index, process_count=process_count)
+    dataset.device_train_transform = _noisy_inputs
+    return dataset
+
+
+def test_resume_is_exact_with_a_device_input_transform(tmp_path, monkeypatch):
+    """The per-example keys of a device_train_transform follow the restored step: stop + resume
+    ends with the parameters of an uninterrupted run."""
+    monkeypatch.setitem(DATASETS, "noisy_digits", f"{__name__}:make_noisy_digits_dataset")
+    config = small_config(**{"data.name": "noisy_digits"})
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+    assert train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=6) == {"preempted_at_step": 6}
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    (sa, pa), (sb, pb) = latest_params(str(tmp_path / "straight")), latest_params(str(tmp_path / "resumed"))
+    assert sa == sb == 12
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-7), pa, pb)
+    plain = train.train_and_evaluate(small_config(), str(tmp_path / "plain"))  # the transform matters
+    assert not np.allclose(jax.tree.leaves(latest_params(str(tmp_path / "plain"))[1])[0], jax.tree.leaves(pa)[0])
+    assert np.isfinite(plain["nll"])
