@@ -15,7 +15,8 @@ averaged over a Monte Carlo sample of inputs) and a Monte Carlo sample of poster
 For a finite batch the same loss with ``M - 1`` sampled negatives and the positive in the
 denominator is minimised on sampled batches (:func:`finite_batch_scores`). The logits are
 ``z = s + log(eta)``; ``t*`` is fitted by :func:`softnce.evaluation.fit_temperature`, as for a
-trained model.
+trained model, on 16 labels ``y ~ p(y|x)`` per test input (one label per input leaves a label-noise
+error of several hundredths in ``t*``).
 
 Measurement: the toy experiment's own machinery (:func:`experiments.toy_experiment.make_train_fn`,
 ``stack_runs``, ``batch_rows``, ``run_metrics``): STI with ``eta`` = class prior, every ``m`` and seed
@@ -76,6 +77,7 @@ class StudySettings:
     finite_annotators: tuple = (10,)
     finite_queries: int = 100
     finite_replicates: int = 32  # sampled batches per query
+    label_draws: int = 16  # labels y ~ p(y|x) per query for the fitted temperature of a prediction
 
 
 FULL = StudySettings()
@@ -266,8 +268,10 @@ def logit_slope(logits: np.ndarray, log_p: np.ndarray) -> float:
 
 
 def score_metrics(logits: np.ndarray, log_p: np.ndarray, labels: np.ndarray) -> dict:
-    """``t*`` (fitted on ``labels``), the slope, and the KL to ``p`` raw and at ``t*``, for logits ``z``."""
-    t = evaluation.fit_temperature(logits, labels)
+    """``t*`` (fitted on ``labels`` ``[n]`` or ``[n, V]``: ``V`` labels per input), the slope, and the KL
+    to ``p`` raw and at ``t*``, for logits ``z`` ``[n, C]``."""
+    labels = np.asarray(labels).reshape(len(logits), -1)
+    t = evaluation.fit_temperature(np.repeat(logits, labels.shape[1], axis=0), labels.ravel())
     return {"temperature": t, "slope": logit_slope(logits, log_p), "kl": te.mean_kl(log_p, logits),
             "kl_calibrated": te.mean_kl(log_p, logits, t)}
 
@@ -277,7 +281,10 @@ def population_prediction(settings: StudySettings, data: toy.ToyData, log: Calla
     rng = np.random.default_rng(12345)
     log_pi = np.log(toy.class_prior(settings.prior))
     nq = min(settings.population_queries, len(data.test.labels))
-    log_p, labels = data.test.log_posterior[:nq], data.test.labels[:nq]
+    log_p = data.test.log_posterior[:nq]
+    # t* of a prediction is fitted like a trained model's, on labels y ~ p(y|x), but with
+    # settings.label_draws labels per input so that the label noise of the fit stays small.
+    labels = toy.sample_votes(rng, np.exp(log_p), settings.label_draws)
     out = {"inf": {}, "finite": {}, "linearised": {}}
     # The small-tilt (Gaussian) approximation: t*(m) ~ 1 / (1 - (1 - 1/m) w), w = within-x share of the label variance.
     x, _ = toy.sample_mixture(rng, settings.population_inputs, settings.prior)
@@ -308,7 +315,8 @@ def population_prediction(settings: StudySettings, data: toy.ToyData, log: Calla
             out["finite"][str(batch)][name] = score_metrics(s + log_pi, log_p[:fq], labels[:fq])
             # The M = inf optimum on the same queries, for a like-for-like comparison.
             s_inf, _ = population_scores(np.exp(log_p[:fq]), atoms, weights)
-            out["finite"][str(batch)][name]["temperature_inf_same_queries"] = evaluation.fit_temperature(s_inf + log_pi, labels[:fq])
+            out["finite"][str(batch)][name]["temperature_inf_same_queries"] = score_metrics(
+                s_inf + log_pi, log_p[:fq], labels[:fq])["temperature"]
             log(f"population M={batch} m={name:>3}: t* {out['finite'][str(batch)][name]['temperature']:.3f} "
                 f"(M=inf on the same queries {out['finite'][str(batch)][name]['temperature_inf_same_queries']:.3f}; "
                 f"{time.time() - t0:.1f} s)")
