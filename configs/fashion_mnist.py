@@ -19,7 +19,7 @@ Model and schedule are scaled to a 2-core CPU: ``small_cnn`` (two stride-2 3x3 c
 AdamW (betas 0.9/0.999, weight decay 0.05) at ``lr = 2e-3 * 128 / 256``, 100 warm-up steps then a
 cosine to 1e-6. No input augmentation besides the soft-target recipe's MixUp/CutMix. 6,000 of the
 60,000 training images (``validation_fraction=0.1``) are held out for the post-hoc temperature fit;
-the test set is the official 10,000 images. Expected: about 89-91% top-1 for every loss, 1.5-3.5
+the test set is the official 10,000 images. Expected: about 89-91% top-1 for every loss, 1-3
 minutes per run on a 2-core CPU (see README/BENCHMARKS for the measured table from
 ``experiments/fashion_comparison.py``).
 """

@@ -1,7 +1,7 @@
 """The five losses on Fashion-MNIST over several seeds: raw and calibrated metrics, paired differences, plots.
 
     python -m softnce.data.fashion_mnist          # once: prepare the data (see configs/fashion_mnist.py)
-    python experiments/fashion_comparison.py --seeds 3 --out runs/fashion_comparison
+    python experiments/fashion_comparison.py --seeds 5 --out runs/fashion_comparison
 
 Every run is the real trainer on ``configs/fashion_mnist.py`` (``augment=auto``): NLL and InfoNCE
 with hard labels; soft-target CE, STI and soft-distribution InfoNCE with label smoothing 0.1 +
@@ -28,7 +28,7 @@ import comparison_grid  # noqa: E402
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds per loss")
+    parser.add_argument("--seeds", type=int, default=5, help="number of seeds per loss")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
     parser.add_argument("--losses", default=",".join(comparison_grid.LOSSES), help="comma-separated loss names")
     parser.add_argument("--data_dir", default=None, help="tfds data directory (default ~/tensorflow_datasets)")
