@@ -484,13 +484,15 @@ def calibrate(run: Run) -> Optional[tuple[dict, dict]]:
 
 
 def _write_results(run: Run, summary: dict, sums: dict, calibrated_sums: Optional[dict]) -> None:
-    """``metrics.json``, ``eval_sums.json`` and ``reliability.png`` in the workdir (process 0 only)."""
+    """``metrics.json``, ``eval_sums.json`` (and ``eval_sums_calibrated.json`` at ``t*``) and ``reliability.png``
+    in the workdir (process 0 only)."""
     if not run.is_chief:
         return
     _write_json(run.workdir / "metrics.json", summary)
     _write_json(run.workdir / "eval_sums.json", {k: np.asarray(v).tolist() for k, v in sums.items()})
     panels = {f"{run.config.loss.name} (t = {run.config.loss.temperature:g})": sums}
     if calibrated_sums is not None:
+        _write_json(run.workdir / "eval_sums_calibrated.json", {k: np.asarray(v).tolist() for k, v in calibrated_sums.items()})
         panels[f"calibrated (t* = {summary['temperature']:.3g})"] = calibrated_sums
     evaluation.plot_reliability_diagram(panels, str(run.workdir / "reliability.png"), title=run.config.data.name)
 

@@ -231,6 +231,8 @@ def test_temperature_is_fitted_on_validation_only_and_test_metrics_reported_at_i
     result = train.train_and_evaluate(config, str(tmp_path))
     metrics = json.load(open(tmp_path / "metrics.json"))
     assert {"temperature", "nll_calibrated", "ece_calibrated"} <= set(metrics) and metrics["temperature"] == result["temperature"]
+    calibrated_sums = json.load(open(tmp_path / "eval_sums_calibrated.json"))
+    assert evaluation.summarize(calibrated_sums)["nll"] == pytest.approx(metrics["nll_calibrated"], rel=1e-9)
 
     dataset = get_dataset(config.data)
     assert dataset.num_validation_examples == round(0.1 * 1257)
