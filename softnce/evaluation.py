@@ -107,7 +107,9 @@ def fit_temperature(logits, labels, *, bounds: tuple[float, float] = (1e-3, 50.0
       logits: ``[n, C]`` (already divided by nothing: raw model outputs); labels: int ``[n]``.
 
     Returns:
-      ``t = 1 / beta*`` as a Python float.
+      ``t = 1 / beta*`` as a Python float. When the minimum lies on a bound (e.g. a validation split
+      the model classifies without error, where the NLL keeps falling as ``t -> 0``), the bound is
+      returned with a ``RuntimeWarning``.
     """
     from scipy.optimize import minimize_scalar
     from scipy.special import logsumexp
@@ -122,6 +124,15 @@ def fit_temperature(logits, labels, *, bounds: tuple[float, float] = (1e-3, 50.0
         return float(np.mean(logsumexp(beta * z, axis=1) - beta * z_label))
 
     result = minimize_scalar(nll, bounds=bounds, method="bounded", options={"xatol": 1e-6})
+    if min(abs(result.x - bounds[0]), abs(result.x - bounds[1])) < 1e-3 * max(1.0, abs(result.x)):
+        import warnings
+
+        warnings.warn(
+            f"fit_temperature: the NLL has no minimum inside 1/t in {bounds} (t* = {1.0 / result.x:.4g} is the "
+            f"bound); with {len(labels)} examples the fit is unreliable (too few errors or a separable split); "
+            "use a larger validation split.",
+            RuntimeWarning, stacklevel=2,
+        )
     return float(1.0 / result.x)
 
 

@@ -77,3 +77,10 @@ def test_fit_temperature_recovers_a_known_temperature():
     p = np.exp(z / 2) / np.exp(z / 2).sum(1, keepdims=True)
     labels = (rng.random((20_000, 1)) > p.cumsum(1)[:, :-1]).sum(1)
     assert evaluation.fit_temperature(z, labels) == pytest.approx(2.0, rel=0.05)
+
+
+def test_fit_temperature_warns_when_the_minimum_is_on_the_bound():
+    z = np.array([[3.0, 0.0], [0.0, 2.0], [4.0, 1.0]])  # every example right: NLL falls as t -> 0
+    with pytest.warns(RuntimeWarning, match="no minimum inside"):
+        t = evaluation.fit_temperature(z, np.array([0, 1, 0]))
+    assert t == pytest.approx(1 / 50.0, rel=1e-3)
