@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-python-$(PYTHON_VERSION)
 
 .PHONY: venv test demo bench clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py pyproject.toml
 	@test -n "$(PYTHON_VERSION)" || { echo "make: PYTHON=$(PYTHON) does not run. Name a Python 3.11 or newer," \
 	  "e.g. PYTHON=/usr/bin/python3.12; with pyenv, PYTHON=\$$(pyenv root)/versions/3.12.1/bin/python3.12." >&2; exit 1; }
 	@if [ "$$($(PY) -c 'import platform; print(platform.python_version())' 2>/dev/null)" != "$(PYTHON_VERSION)" ]; then \

@@ -7,7 +7,10 @@ setup(
     description="Soft target InfoNCE and its baselines in JAX/Flax, data-parallel over device meshes.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["softnce", "softnce.*"]),
+    # configs/ (the launchable configs, loaded by path with --config) installs as softnce.configs, so the
+    # package and the tests import them by name.
+    packages=find_packages(include=["softnce", "softnce.*"]) + ["softnce.configs"],
+    package_dir={"softnce.configs": "configs"},
     # The tested matrix (README "Tested versions"): `make test` on Python 3.11, 3.12 and 3.13 (.ci/run)
     # resolves exactly these. Where the newest release differs by Python, a marker picks the
     # tested one (jax 0.11+, flax 0.12.9+ and numpy 2.5 need Python 3.12).

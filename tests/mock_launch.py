@@ -18,12 +18,9 @@ import os
 import sys
 from unittest import mock
 
-if __name__ == "__main__":  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from softnce import main as softnce_main  # noqa: E402  (defines the trainer's flags)
+from softnce import main as softnce_main  # defines the trainer's flags
 
 _DATA_DIR = flags.DEFINE_string("mock_data_dir", None, "tfds data_dir holding the datasets' metadata.")
 _NUM_EXAMPLES = flags.DEFINE_integer("mock_num_examples", 16, "Mock examples per split.")

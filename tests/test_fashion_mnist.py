@@ -18,9 +18,6 @@ from softnce.data import fashion_mnist as fm
 from softnce.models.cnn import SmallCNN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "experiments"))
-import comparison_grid  # noqa: E402
 
 SIZES = {"train": 120, "test": 40}
 
@@ -234,7 +231,7 @@ def test_cli_trains_fashion_mnist_end_to_end(prepared, tmp_path, cli_env):
 
 
 def test_config_uses_hard_labels_for_nll_and_infonce():
-    from configs import fashion_mnist as fashion_config
+    from softnce.configs import fashion_mnist as fashion_config
 
     for loss in ("nll", "infonce"):
         a = fashion_config.get_config(f"loss={loss}").augment

@@ -18,10 +18,9 @@ import pytest
 import tensorflow as tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
-import mock_launch  # noqa: E402
-from configs import vit_finetune  # noqa: E402
-from softnce import checkpointing, train  # noqa: E402
+import mock_launch
+from softnce import checkpointing, train
+from softnce.configs import vit_finetune
 
 STEPS = 3
 NUM_EXAMPLES = 13  # per split; with eval batch 8 the last batch is padded

@@ -19,9 +19,8 @@ import pytest
 from softnce import config_checks, train, watchdog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import digits as digits_config  # noqa: E402
-from tests.test_train import latest_params, small_config  # noqa: E402
+from softnce.configs import digits as digits_config
+from test_train import latest_params, small_config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,7 +156,7 @@ def test_every_numeric_field_out_of_range_is_named_with_value_and_range(path, va
 
 def test_every_field_of_the_shipped_configs_passes_and_has_a_rule():
     for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
-        module = importlib.import_module(f"configs.{os.path.basename(path)[:-3]}")
+        module = importlib.import_module(f"softnce.configs.{os.path.basename(path)[:-3]}")
         config = module.get_config()
         config_checks.check_config(config)  # raises on a numeric field without a rule
         assert list(config_checks.numeric_leaves(config)), path

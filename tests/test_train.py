@@ -19,8 +19,7 @@ from softnce.data.arrays import ArrayDataset
 from softnce.data.digits import load_digits_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import digits as digits_config  # noqa: E402
+from softnce.configs import digits as digits_config
 
 
 def small_config(**overrides):

@@ -10,12 +10,11 @@ import pytest
 from flax import traverse_util
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
-import mock_launch  # noqa: E402
-from configs import vit_finetune  # noqa: E402
-from softnce import checkpointing, models, train  # noqa: E402
-from softnce.models import mae_checkpoint  # noqa: E402
-from test_vit import mae_state_dict  # noqa: E402  (a random MAE state dict of vit_tiny's shapes)
+import mock_launch
+from softnce import checkpointing, models, train
+from softnce.configs import vit_finetune
+from softnce.models import mae_checkpoint
+from test_vit import mae_state_dict  # a random MAE state dict of vit_tiny's shapes
 
 NUM_EXAMPLES = 16
 SHAPE = (32, 32, 3)

@@ -1,0 +1,1 @@
+"""The launchable configs (``--config configs/<name>.py``), installed as ``softnce.configs``."""
