@@ -31,4 +31,4 @@ clean:
 	rm -rf $(VENV) *.egg-info
 
 demo: $(STAMP)
-	$(PY) experiments/toy_experiment.py
+	$(PY) -m softnce.experiments.toy

@@ -143,11 +143,9 @@ def plot_reliability_diagram(sums_by_name: dict[str, dict], path: str, *, title:
       sums_by_name: ``{label: metric_sums}`` accumulated over the evaluation set.
       path: output ``.png`` path, local or ``gs://`` (written through ``etils.epath``).
     """
-    import matplotlib
+    from softnce import plotting
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plotting.pyplot()
     names = list(sums_by_name)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):

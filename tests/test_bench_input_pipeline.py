@@ -1,8 +1,8 @@
-"""Smoke test of experiments/bench_input_pipeline.py (issue 9): a --quick run prints its table and last line."""
+"""Smoke test of softnce.experiments.bench_input_pipeline: a --quick run prints its table and last line."""
 
 import re
 
-from experiments import bench_input_pipeline
+from softnce.experiments import bench_input_pipeline
 
 
 def test_bench_input_pipeline_quick(capsys):

@@ -1,4 +1,4 @@
-"""Smoke tests of the issue-6 benchmark scripts: each ``--quick`` run finishes and prints its table."""
+"""Smoke tests of the benchmarks (softnce.experiments.bench_*): each ``--quick`` run finishes and prints its table."""
 
 import re
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import bench_scale, bench_train_step, gpu_benchmark
+from softnce.experiments import bench_scale, bench_train_step, gpu_benchmark
 from softnce import losses
 
 

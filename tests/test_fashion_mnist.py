@@ -15,6 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from softnce.data import fashion_mnist as fm
+from softnce.experiments import comparison
 from softnce.models.cnn import SmallCNN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,13 +243,11 @@ def test_config_uses_hard_labels_for_nll_and_infonce():
 
 
 def test_comparison_script_end_to_end(prepared, tmp_path):
-    import fashion_comparison
-
     data_dir, _ = prepared
     out = tmp_path / "grid"
     sets = ["data.batch_size=32", "data.eval_batch_size=16", "model.channels=(4, 8)", "model.hidden=16",
             "optim.warmup_steps=1"]
-    result = fashion_comparison.main([
+    result = comparison.main("fashion_mnist", [
         "--seeds", "1", "--steps", "2", "--losses", "nll,soft_target_infonce", "--data_dir", data_dir,
         "--out", str(out), *[arg for s in sets for arg in ("--set", s)],
     ])
@@ -264,7 +263,7 @@ def test_comparison_script_end_to_end(prepared, tmp_path):
     saved = json.load(open(out / "results.json"))
     assert saved["complete"] and len(saved["results"]["soft_target_infonce"]["metrics"]) == 1
     # Running again with more seeds keeps the finished run and trains only the new seed.
-    again = fashion_comparison.main([
+    again = comparison.main("fashion_mnist", [
         "--seeds", "2", "--steps", "2", "--losses", "nll", "--data_dir", data_dir, "--out", str(out),
         *[arg for s in sets for arg in ("--set", s)],
     ])["results"]["nll"]["metrics"]
@@ -280,9 +279,9 @@ def test_paired_table_against_hand_computed_values():
         "nll": {"targets": "hard", "metrics": [
             {"seed": 1, "top1": 0.91, "nll": 0.25}, {"seed": 0, "top1": 0.91, "nll": 0.35}]},
     }
-    table = comparison_grid.paired_table(results)
+    table = comparison.paired_table(results)
     # top-1 differences (pp): seed 0: -1, seed 1: +1 -> mean 0, std sqrt(2); STI wins 1 of 2.
     # NLL differences: seed 0: -0.05, seed 1: +0.03 -> mean -0.01, std 0.0566; STI lower on 1 of 2.
     assert "| nll | +0.00 ± 1.41 (1/2) | -0.010 ± 0.057 (1/2) |" in table
-    summary = comparison_grid.metrics_table(results)
+    summary = comparison.metrics_table(results)
     assert "| soft_target_infonce | soft | 2 | 91.00 ± 1.41 | 0.290 ± 0.014 |" in summary

@@ -11,10 +11,11 @@ import pytest
 from scipy.stats import multivariate_normal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import toy as toy_config  # noqa: E402
-from experiments import toy_experiment as te  # noqa: E402
-from softnce.data import get_dataset, toy  # noqa: E402
+from softnce.configs import toy as toy_config
+from softnce.data import get_dataset, toy
+from softnce.experiments import toy as te
+from softnce.experiments import toy_temperature as tts
+from softnce.experiments import vmapped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def test_config_runs_through_the_entry_point_and_matches_the_vmapped_trainer(tmp
     config.optim.warmup_steps = 2
     dataset = get_dataset(config.data)
     data = {"inputs": dataset.train_inputs, "label": dataset.train_labels, "targets": dataset.train_targets}
-    rows = te.batch_rows(config.seed, dataset.num_train_examples, config.data.batch_size, config.num_train_steps)
+    rows = vmapped.batch_rows(config.seed, dataset.num_train_examples, config.data.batch_size, config.num_train_steps)
     log_eta = np.asarray(train.noise_prior(config, dataset))
     params, _ = te.make_train_fn(config)(
         jax.random.PRNGKey(config.seed)[None], jax.tree.map(lambda v: v[None], data), rows[None], log_eta[None]
@@ -235,22 +236,19 @@ def test_config_runs_through_the_entry_point_and_matches_the_vmapped_trainer(tmp
 
 
 def test_batch_rows_are_epoch_permutations():
-    rows = te.batch_rows(seed=7, num_examples=100, batch_size=32, num_steps=7)  # 3 steps per epoch
+    rows = vmapped.batch_rows(seed=7, num_examples=100, batch_size=32, num_steps=7)  # 3 steps per epoch
     assert rows.shape == (7, 32)
     for epoch in range(2):
         block = rows[3 * epoch : 3 * epoch + 3].ravel()
         assert len(set(block.tolist())) == 96  # no repeats within an epoch
     assert not np.array_equal(rows[:3], rows[3:6])
     with pytest.raises(ValueError, match="larger than the training set"):
-        te.batch_rows(seed=0, num_examples=10, batch_size=32, num_steps=1)
+        vmapped.batch_rows(seed=0, num_examples=10, batch_size=32, num_steps=1)
 
 
 # --------------------------------------------------------------------------------------------------
-# The temperature study (experiments/toy_temperature_study.py, docs/method.md "The toy finding").
+# The temperature study (softnce/experiments/toy_temperature.py, docs/method.md "The toy finding").
 # --------------------------------------------------------------------------------------------------
-
-from experiments import toy_temperature_study as tts  # noqa: E402
-
 
 def test_population_scores_at_one_vote_are_the_log_posterior_ratio():
     # m = 1: the targets are the vertices with weights pi, and the optimum is known in closed form,

@@ -1,0 +1,36 @@
+"""The command line shared by the experiments that run a named grid: ``--setting``, ``--out`` and overrides."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Optional
+
+
+def parse_settings(
+    argv: Optional[list[str]],
+    *,
+    description: str,
+    settings: dict[str, Any],
+    out_help: str,
+    overrides: dict[str, dict],
+) -> tuple[Any, Optional[str]]:
+    """Parses ``--setting NAME --out DIR`` plus one flag per field of ``overrides``.
+
+    Args:
+      argv: the arguments (``None``: ``sys.argv[1:]``).
+      settings: ``{name: frozen dataclass}``; ``--setting`` picks one (default ``'full'``).
+      overrides: ``{field: argparse keyword arguments}``; a given ``--field`` replaces that field.
+
+    Returns:
+      ``(settings with the overrides applied, --out or None)``.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--setting", choices=sorted(settings), default="full", help="grid size (default full)")
+    parser.add_argument("--out", default=None, help=out_help)
+    for field, kwargs in overrides.items():
+        parser.add_argument(f"--{field}", default=None, **kwargs)
+    args = parser.parse_args(argv)
+    chosen = settings[args.setting]
+    given = {field: getattr(args, field) for field in overrides if getattr(args, field) is not None}
+    return dataclasses.replace(chosen, **given), args.out
