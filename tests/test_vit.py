@@ -8,9 +8,7 @@ mapping. Tiny shapes: a 2-block, width-32, patch-4 ViT on 32x32 images.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import os
 import sys
 
 import jax
@@ -461,13 +459,9 @@ def test_conversion_cli_end_to_end(tmp_path, tiny, capsys):
     model, params = tiny
     sd = mae_state_dict()
     torch.save({"model": {name: torch.from_numpy(value) for name, value in sd.items()}}, tmp_path / "mae.pth")
-    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "convert_mae_checkpoint.py")
-    spec = importlib.util.spec_from_file_location("convert_mae_checkpoint", path)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    output = cli.main(["--input", str(tmp_path / "mae.pth"), "--output", str(tmp_path / "flax")])
+    output = mc.main(["--input", str(tmp_path / "mae.pth"), "--output", str(tmp_path / "flax")])
     assert "depth 2, width 32, patch 4" in capsys.readouterr().out
     merged = mc.merge_pretrained(params, mc.load_pretrained_params(output))
     np.testing.assert_array_equal(merged["embedding"]["kernel"], sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
     with pytest.raises(FileExistsError):
-        cli.main(["--input", str(tmp_path / "mae.pth"), "--output", output])
+        mc.main(["--input", str(tmp_path / "mae.pth"), "--output", output])

@@ -36,6 +36,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -47,7 +48,7 @@ import numpy as np
 import optax
 
 from softnce import losses, targets
-from softnce.experiments.machine import machine_description, mem_available_bytes
+from softnce.experiments.machine import markdown_table, mem_available_bytes, run_header
 
 VARIANTS = ("optax_ce", "dense_sti", "structured_sti", "blockwise_sti")
 MIX = targets.MixConfig(label_smoothing=0.1, mixup_alpha=0.8, mode="batch", structured=True)
@@ -220,25 +221,17 @@ def _bytes(x: float) -> str:
 
 
 def format_comm_table(classes, batches, devices, k: int, param_counts: dict) -> str:
-    header = (
-        "| C | M | devices | dense [M, C] f32 targets | structured targets (k = "
-        f"{k}) | dense / structured | ViT-B/16 grad all-reduce (f32, ring) | dense targets / grad | "
-        "structured targets / grad |"
-    )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    columns = ["C", "M", "devices", "dense [M, C] f32 targets", f"structured targets (k = {k})", "dense / structured",
+               "ViT-B/16 grad all-reduce (f32, ring)", "dense targets / grad", "structured targets / grad"]
     structured_row = k * STRUCTURED_ROW_BYTES_PER_K + STRUCTURED_ROW_BYTES
-    for c in classes:
-        grad_bytes = 4 * param_counts[c]
-        for m in batches:
-            for d in devices:
-                dense = all_gather_bytes_received(m, 4 * c, d)
-                structured = all_gather_bytes_received(m, structured_row, d)
-                grads = ring_all_reduce_bytes_received(grad_bytes, d)
-                lines.append(
-                    f"| {c} | {m} | {d} | {_bytes(dense)} | {_bytes(structured)} | {dense / structured:.0f} "
-                    f"| {_bytes(grads)} | {100 * dense / grads:.3g}% | {100 * structured / grads:.2g}% |"
-                )
-    return "\n".join(lines)
+    rows = []
+    for c, m, d in itertools.product(classes, batches, devices):
+        dense = all_gather_bytes_received(m, 4 * c, d)
+        structured = all_gather_bytes_received(m, structured_row, d)
+        grads = ring_all_reduce_bytes_received(4 * param_counts[c], d)
+        rows.append([str(c), str(m), str(d), _bytes(dense), _bytes(structured), f"{dense / structured:.0f}",
+                     _bytes(grads), f"{100 * dense / grads:.3g}%", f"{100 * structured / grads:.2g}%"])
+    return markdown_table(columns, rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,9 +263,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    print(f"Machine: {machine_description()}; jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"{jax.device_count()} device(s)")
-    print(f"Command: python experiments/bench_scale.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
+    print(run_header("bench_scale.py", argv, f"{jax.device_count()} device(s)") + "\n")
     if not args.comm_only:
         rate = matmul_rate()
         load_before = os.getloadavg()

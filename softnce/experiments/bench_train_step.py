@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -38,7 +37,7 @@ import numpy as np
 
 from softnce import distributed, losses, targets, train
 from softnce.configs import vit_finetune
-from softnce.experiments.machine import machine_description
+from softnce.experiments.machine import markdown_table, run_header
 from softnce.models import vit
 
 VARIANTS = {  # name -> (registered loss, structured targets)
@@ -128,21 +127,17 @@ def run(args) -> dict:
 
 def format_table(times: dict, batch: int) -> str:
     base = times[BASELINE]
-    lines = [
-        "| loss | median step ms | images/s | overhead vs soft CE: median paired ratio - 1 | "
-        "overhead vs soft CE: min / min - 1 | min / max ms |",
-        "|---|---|---|---|---|---|",
-    ]
+    columns = ["loss", "median step ms", "images/s", "overhead vs soft CE: median paired ratio - 1",
+               "overhead vs soft CE: min / min - 1", "min / max ms"]
+    rows = []
     for name, runs in times.items():
         median = statistics.median(runs)
         overhead = statistics.median(t / b for t, b in zip(runs, base)) - 1.0
         overhead_min = min(runs) / min(base) - 1.0
-        cells = ("-", "-") if name == BASELINE else (f"{100 * overhead:+.1f}%", f"{100 * overhead_min:+.1f}%")
-        lines.append(
-            f"| {name} | {1e3 * median:.1f} | {batch / median:.0f} | {cells[0]} | {cells[1]} | "
-            f"{1e3 * min(runs):.1f} / {1e3 * max(runs):.1f} |"
-        )
-    return "\n".join(lines)
+        cells = ["-", "-"] if name == BASELINE else [f"{100 * overhead:+.1f}%", f"{100 * overhead_min:+.1f}%"]
+        rows.append([name, f"{1e3 * median:.1f}", f"{batch / median:.0f}", *cells,
+                     f"{1e3 * min(runs):.1f} / {1e3 * max(runs):.1f}"])
+    return markdown_table(columns, rows)
 
 
 def parse_args(argv=None):
@@ -173,9 +168,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    print(f"Machine: {machine_description()}; jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"{args.devices} device(s) in the mesh")
-    print(f"Command: python experiments/bench_train_step.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(run_header("bench_train_step.py", argv, f"{args.devices} device(s) in the mesh"))
     print(
         f"Model: ViT patch {args.patch}, D={args.hidden}, {args.depth} blocks, {args.heads} heads, {args.dtype}, "
         f"{args.image_size} px, C={args.classes}; global batch {args.batch}; {args.repeats} rounds\n"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 from typing import Any, Optional
 
 
@@ -34,3 +36,14 @@ def parse_settings(
     chosen = settings[args.setting]
     given = {field: getattr(args, field) for field in overrides if getattr(args, field) is not None}
     return dataclasses.replace(chosen, **given), args.out
+
+
+def write_results(out_dir: str, result: dict, summary: str, log=print) -> None:
+    """Writes ``summary`` (Markdown) and ``result`` (JSON) to ``out_dir`` under the names in
+    ``result['files']`` (``'summary'``, ``'metrics'``), then logs where they are."""
+    with open(os.path.join(out_dir, result["files"]["summary"]), "w") as f:
+        f.write(summary)
+    with open(os.path.join(out_dir, result["files"]["metrics"]), "w") as f:
+        json.dump(result, f, indent=1)
+    seconds = result["seconds"]["total"] if isinstance(result["seconds"], dict) else result["seconds"]
+    log(f"done in {seconds:.1f} s; results in {out_dir}")

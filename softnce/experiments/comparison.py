@@ -30,11 +30,11 @@ a metric ``m`` (same seed: same initialisation, batch order and validation split
 
 from __future__ import annotations
 
+import argparse
+import ast
 import json
 import os
 import time
-import argparse
-import ast
 from typing import Callable, Optional, Sequence
 
 import numpy as np

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
+from typing import Optional
 
 
 def mem_available_bytes() -> int:
@@ -29,3 +31,18 @@ def machine_description() -> str:
     except FileNotFoundError:
         pass
     return f"{os.cpu_count()} CPUs (nproc), {model}, {platform.system()} {platform.machine()}"
+
+
+def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: the header ``columns``, a rule, then one line per row of cells."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def run_header(script: str, argv: Optional[list[str]], devices: str) -> str:
+    """``Machine: ...; jax ... on <platform>, <devices>`` and ``Command: python experiments/<script> <args>``."""
+    import jax
+
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    return (f"Machine: {machine_description()}; jax {jax.__version__} on {jax.devices()[0].platform}, {devices}\n"
+            f"Command: python experiments/{script} {args}")

@@ -21,7 +21,6 @@ import tempfile
 import time
 
 
-
 def run_once(index: int, args, extra: list[str]) -> tuple[bool, str, float]:
     """One CLI run; returns ``(ok, reason, seconds)``."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

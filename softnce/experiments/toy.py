@@ -33,7 +33,6 @@ Run: ``make demo`` or ``python experiments/toy_experiment.py [--setting full|qui
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -425,11 +424,7 @@ def run_experiment(settings: Settings = FULL, out_dir: Optional[str] = None, log
         "references": references, "summary": summary, "runs": rows, "files": files,
         "seconds": time.time() - t0, "out_dir": out_dir,
     }
-    with open(os.path.join(out_dir, files["summary"]), "w") as f:
-        f.write(summary_markdown(summary, references, settings, result["seconds"]))
-    with open(os.path.join(out_dir, files["metrics"]), "w") as f:
-        json.dump(result, f, indent=1)
-    log(f"done in {result['seconds']:.1f} s; results in {out_dir}")
+    cli.write_results(out_dir, result, summary_markdown(summary, references, settings, result["seconds"]), log)
     return result
 
 

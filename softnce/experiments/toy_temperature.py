@@ -33,7 +33,6 @@ Run: ``python -m softnce.experiments.toy_temperature [--setting full|quick] [--o
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -45,8 +44,8 @@ from scipy.special import gammaln, logsumexp
 
 from softnce import evaluation, plotting
 from softnce.data import toy
-from softnce.experiments import toy as te
 from softnce.experiments import cli, vmapped
+from softnce.experiments import toy as te
 
 INF = math.inf
 
@@ -383,6 +382,22 @@ def _lookup(summary, batch_size, steps, m, key="temperature"):
     return None
 
 
+def _trained_t_star(ax, xs, stats: list[dict], population: dict, m: str, i: int, label: str) -> None:
+    """Measured ``t*`` (mean +- std over seeds) against ``xs``, with the M = inf optimum of ``m`` dotted."""
+    ax.errorbar(xs, [v["mean"] for v in stats], yerr=[v["std"] for v in stats], marker="o", capsize=2,
+                color=f"C{i}", label=label)
+    if m in population["inf"]:
+        ax.axhline(population["inf"][m]["temperature"], color=f"C{i}", ls=":", lw=1)
+
+
+def _log2_axis(ax, xlabel: str, title: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fitted temperature t*")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
 def plot_study(path: str, summary: list[dict], population: dict, settings: StudySettings) -> str:
     """Four panels: t* against m; t* against M; t* against steps; the logit slope against m."""
     plt = plotting.pyplot()
@@ -411,38 +426,21 @@ def plot_study(path: str, summary: list[dict], population: dict, settings: Study
     ax.set_title("t* against m")
     ax.legend(fontsize=7)
 
-    ax = axes[1]
     batches = sorted({b for b, t in settings.cells if t == base_t})
-    for i, m in enumerate(ms):
-        st = [_lookup(summary, b, base_t, m) for b in batches]
-        ax.errorbar(batches, [v["mean"] for v in st], yerr=[v["std"] for v in st], marker="o", capsize=2, color=f"C{i}",
-                    label=f"trained, m = {m}")
-        if m in population["inf"]:
-            ax.axhline(population["inf"][m]["temperature"], color=f"C{i}", ls=":", lw=1)
-        fin = [(int(b), population["finite"][b][m]) for b in population["finite"] if m in population["finite"][b]]
-        if fin and m in population["inf"]:  # few queries: shown as the change from M = inf on the same queries
-            ax.plot([b for b, _ in fin], [v["temperature"] - v["temperature_inf_same_queries"] + population["inf"][m]["temperature"]
-                                          for _, v in fin], marker="x", ls="--", color=f"C{i}",
-                    label=f"optimum at finite M, m = {m} (offset)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(f"batch size M ({base_t} steps)")
-    ax.set_ylabel("fitted temperature t*")
-    ax.set_title("t* against M (dotted: optimum at M = inf)")
-    ax.legend(fontsize=7)
-
-    ax = axes[2]
     lengths = sorted({t for b, t in settings.cells if b == base_b})
     for i, m in enumerate(ms):
-        st = [_lookup(summary, base_b, t, m) for t in lengths]
-        ax.errorbar(lengths, [v["mean"] for v in st], yerr=[v["std"] for v in st], marker="o", capsize=2, color=f"C{i}",
-                    label=f"m = {m}")
-        if m in population["inf"]:
-            ax.axhline(population["inf"][m]["temperature"], color=f"C{i}", ls=":", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(f"training steps (M = {base_b})")
-    ax.set_ylabel("fitted temperature t*")
-    ax.set_title("t* against training length (dotted: optimum)")
-    ax.legend(fontsize=7)
+        _trained_t_star(axes[1], batches, [_lookup(summary, b, base_t, m) for b in batches], population, m, i,
+                        f"trained, m = {m}")
+        fin = [(int(b), population["finite"][b][m]) for b in population["finite"] if m in population["finite"][b]]
+        if fin and m in population["inf"]:  # few queries: shown as the change from M = inf on the same queries
+            offset = population["inf"][m]["temperature"]
+            axes[1].plot([b for b, _ in fin], [v["temperature"] - v["temperature_inf_same_queries"] + offset
+                                               for _, v in fin], marker="x", ls="--", color=f"C{i}",
+                         label=f"optimum at finite M, m = {m} (offset)")
+        _trained_t_star(axes[2], lengths, [_lookup(summary, base_b, t, m) for t in lengths], population, m, i,
+                        f"m = {m}")
+    _log2_axis(axes[1], f"batch size M ({base_t} steps)", "t* against M (dotted: optimum at M = inf)")
+    _log2_axis(axes[2], f"training steps (M = {base_b})", "t* against training length (dotted: optimum)")
 
     ax = axes[3]
     ax.plot([xpos[m] for m in pop_ms], [population["inf"][m]["slope"] for m in pop_ms], "k-", lw=2, label="optimum, M = inf")
@@ -537,11 +535,7 @@ def run_study(settings: StudySettings = FULL, out_dir: Optional[str] = None, log
                            "num_train": base.data.num_train, "num_val": base.data.num_val, "num_test": base.data.num_test},
               "population": population, "summary": summary, "runs": rows, "files": files, "seconds": seconds,
               "out_dir": out_dir}
-    with open(os.path.join(out_dir, files["summary"]), "w") as f:
-        f.write(summary_markdown(summary, population, settings, seconds))
-    with open(os.path.join(out_dir, files["metrics"]), "w") as f:
-        json.dump(result, f, indent=1)
-    log(f"done in {seconds['total']:.1f} s; results in {out_dir}")
+    cli.write_results(out_dir, result, summary_markdown(summary, population, settings, seconds), log)
     return result
 
 

@@ -9,7 +9,8 @@ The pipeline, as MAE's ``main_finetune.py`` loads a pretrain checkpoint into its
    ``fc_norm``) and, when present, the pretraining decoder (``mask_token``, ``decoder_*``). Any
    other key, or a missing encoder key, is an error.
 3. :func:`save_pretrained_params` / :func:`load_pretrained_params` store the converted tree as an
-   orbax checkpoint (``experiments/convert_mae_checkpoint.py`` does steps 1-3 once, offline).
+   orbax checkpoint (``python -m softnce.models.mae_checkpoint``, or ``experiments/convert_mae_checkpoint.py``,
+   does steps 1-3 once, offline).
 4. :func:`merge_pretrained` puts the pretrained tree into a freshly initialised ``params`` tree of
    the model to fine-tune: it keeps the fresh ``fc_norm`` and ``head`` (MAE asserts that exactly
    these are missing), resizes ``pos_embedding`` when the model's token grid differs from the
@@ -319,3 +320,43 @@ def load_pretrained_params(path: str | os.PathLike) -> Params:
     metadata = checkpointer.metadata(directory).item_metadata
     target = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), metadata)
     return checkpointer.restore(directory, target)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line: python -m softnce.models.mae_checkpoint --input mae_pretrain_vit_base.pth --output DIR
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Converts MAE's PyTorch ViT checkpoint to an orbax checkpoint of Flax parameters.")
+    parser.add_argument(
+        "--input", required=True, help="MAE PyTorch checkpoint, e.g. mae_pretrain_vit_base.pth"
+    )
+    parser.add_argument("--output", required=True, help="new directory for the orbax checkpoint")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Runs the conversion; returns the absolute output directory."""
+    args = parse_args(argv)
+    output = os.path.abspath(args.output)
+    if os.path.exists(output):
+        raise FileExistsError(f"--output {output!r} exists; give a new directory (nothing is overwritten).")
+    state_dict = load_torch_state_dict(args.input)
+    params = convert_mae_state_dict(state_dict)
+    save_pretrained_params(output, params)
+
+    depth = sum(1 for name in params if name.startswith("encoderblock_"))
+    patch, _, _, width = params["embedding"]["kernel"].shape
+    tokens = params["pos_embedding"].shape[1]
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+    print(
+        f"Converted {len(state_dict)} tensors of {args.input} -> {output}\n"
+        f"  ViT: depth {depth}, width {width}, patch {patch}, {tokens - 1} patch positions + cls, "
+        f"{count / 1e6:.2f}M parameters (norm.* and decoder keys dropped; fc_norm and head are fresh)."
+    )
+    return output
+
+
+if __name__ == "__main__":
+    main()
