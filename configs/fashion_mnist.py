@@ -25,39 +25,22 @@ minutes per run on a 2-core CPU (see README/BENCHMARKS for the measured table fr
 """
 
 import ml_collections
+from softnce.configs import base
 
 from softnce import config_utils
-
-HARD_LABEL_LOSSES = ("nll", "infonce")
 
 
 def get_config(arg=None):
     args = config_utils.parse_arg(arg, loss="soft_target_infonce", seed=0, steps=2000, augment="auto")
-    config = ml_collections.ConfigDict()
+    config = base.get_config()
     config.seed = args["seed"]
-    config.num_train_steps = args["steps"]
+    config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = args["steps"]
     config.log_every_steps = 250
-    config.eval_every_steps = args["steps"]
-    config.checkpoint_every_steps = args["steps"]
     config.max_checkpoints = 1
-    config.step_timeout_s = config_utils.none(float)  # the step watchdog; None = automatic (softnce.watchdog)
-    config.max_steps_in_flight = config_utils.none(int)  # None = 1 on CPU, 2 on accelerators
-
-    config.data = ml_collections.ConfigDict(dict(
-        name="fashion_mnist", data_dir=config_utils.none(str), batch_size=128, eval_batch_size=1000,
-        validation_fraction=0.1, validation_seed=0,
-    ))
+    config.data.update(name="fashion_mnist", data_dir=config_utils.none(str))
     config.model = ml_collections.ConfigDict(
         dict(name="small_cnn", channels=(32, 64), convs_per_stage=1, hidden=128, dropout_rate=0.0)
     )
-    config.loss = ml_collections.ConfigDict(
-        dict(name=args["loss"], temperature=1.0, noise_prior="class_prior", prior_smoothing=0.0)
-    )
-    soft = {"auto": args["loss"] not in HARD_LABEL_LOSSES, "on": True, "off": False}[args["augment"]]
-    config.augment = config_utils.augment_config(soft)
-    config.optim = ml_collections.ConfigDict(
-        dict(base_lr=2e-3, min_lr=1e-6, warmup_steps=100, b1=0.9, b2=0.999, weight_decay=0.05,
-             grad_clip_norm=None, layer_decay=None)
-    )
-    config.init = config_utils.init_config()
+    base.set_loss(config, args["loss"], args["augment"])
+    config.optim.warmup_steps = 100
     return config

@@ -2,7 +2,8 @@
 
 Launch (one run through the normal trainer)::
 
-    python -m softnce.main --config configs/toy.py:prior=imbalanced,annotators=3,loss=soft_target_infonce,seed=0 --workdir runs/toy_sti
+    python -m softnce.main --workdir runs/toy_sti \\
+      --config configs/toy.py:prior=imbalanced,annotators=3,loss=soft_target_infonce,seed=0
 
 Variants (``key=value`` after the colon): ``prior`` (``balanced`` or ``imbalanced`` = 0.6/0.3/0.1),
 ``annotators`` (``m`` = 1, 3, 10 simulated annotators whose vote histogram is the soft target, or
@@ -17,6 +18,7 @@ accuracy 0.77 / 0.84); one run takes 20-30 s on a 2-core CPU, mostly start-up an
 """
 
 import ml_collections
+from softnce.configs import base
 
 from softnce import config_utils
 
@@ -26,31 +28,23 @@ def get_config(arg=None):
         arg, prior="balanced", annotators=10, loss="soft_target_infonce", noise_prior="class_prior",
         seed=0, steps=800,
     )
-    config = ml_collections.ConfigDict()
+    config = base.get_config()
     config.seed = args["seed"]
-    config.num_train_steps = args["steps"]
+    config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = args["steps"]
     config.log_every_steps = 200
-    config.eval_every_steps = args["steps"]
-    config.checkpoint_every_steps = args["steps"]
     config.max_checkpoints = 1
-    config.step_timeout_s = config_utils.none(float)  # the step watchdog; None = automatic (softnce.watchdog)
-    config.max_steps_in_flight = config_utils.none(int)  # None = 1 on CPU, 2 on accelerators
 
-    config.data = ml_collections.ConfigDict(
-        dict(
-            name="toy", prior=args["prior"], annotators=args["annotators"], seed=args["seed"],
-            num_train=2000, num_val=2000, num_test=8000, batch_size=128, eval_batch_size=1000,
-        )
+    # The data bring their own validation set (num_val), drawn with the run's seed.
+    del config.data.validation_fraction, config.data.validation_seed
+    config.data.update(
+        name="toy", prior=args["prior"], annotators=args["annotators"], seed=args["seed"],
+        num_train=2000, num_val=2000, num_test=8000,
     )
     config.model = ml_collections.ConfigDict(dict(name="mlp", hidden_sizes=(32, 32), dropout_rate=0.0))
-    config.loss = ml_collections.ConfigDict(
-        dict(name=args["loss"], temperature=1.0, noise_prior=args["noise_prior"], prior_smoothing=0.0)
-    )
     # The targets come with the data (annotator votes): no smoothing or mixing.
-    config.augment = config_utils.augment_config(soft=False)
-    config.optim = ml_collections.ConfigDict(
-        dict(base_lr=3e-3, min_lr=1e-5, warmup_steps=min(50, args["steps"] - 1), b1=0.9, b2=0.999, weight_decay=0.01,
-             grad_clip_norm=None, layer_decay=None)
+    base.set_loss(config, args["loss"], "off")
+    config.loss.noise_prior = args["noise_prior"]
+    config.optim.update(
+        base_lr=3e-3, min_lr=1e-5, warmup_steps=min(config.optim.warmup_steps, args["steps"] - 1), weight_decay=0.01,
     )
-    config.init = config_utils.init_config()
     return config

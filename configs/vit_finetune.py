@@ -29,6 +29,7 @@ ImageNet at 224 px take about 4% and 8% of that.
 """
 
 import ml_collections
+from softnce.configs import base
 
 from softnce import config_utils
 
@@ -39,7 +40,6 @@ SIZES = {  # (train, eval) examples
 }
 STI_BASE_LR = {"imagenet2012": 5.5e-4, "cifar100": 5.5e-4, "tiny_imagenet": 2.5e-4}
 BASELINE_BASE_LR = 5e-4  # MAE's default; the paper does not publish the baselines' values
-HARD_TARGET_LOSSES = ("nll", "infonce")
 
 
 def get_config(arg=None):
@@ -49,39 +49,23 @@ def get_config(arg=None):
     )
     if args["dataset"] not in SIZES:
         raise ValueError(f"unknown dataset {args['dataset']!r}; valid datasets: {', '.join(SIZES)}.")
-    num_train, num_eval = SIZES[args["dataset"]]
-    steps_per_epoch = num_train // args["batch"]
-    soft = args["loss"] not in HARD_TARGET_LOSSES
+    steps_per_epoch = SIZES[args["dataset"]][0] // args["batch"]
 
-    config = ml_collections.ConfigDict()
+    config = base.get_config()
     config.seed = args["seed"]
     config.num_train_steps = args["epochs"] * steps_per_epoch
-    config.log_every_steps = 100
-    config.eval_every_steps = steps_per_epoch  # every epoch, as the reference
-    config.checkpoint_every_steps = steps_per_epoch
-    config.max_checkpoints = 2
-    config.step_timeout_s = config_utils.none(float)  # the step watchdog; None = automatic (softnce.watchdog)
-    config.max_steps_in_flight = config_utils.none(int)  # None = 1 on CPU, 2 on accelerators
+    config.eval_every_steps = config.checkpoint_every_steps = steps_per_epoch  # every epoch, as the reference
 
-    config.data = ml_collections.ConfigDict(dict(
-        name=args["dataset"], batch_size=args["batch"], eval_batch_size=args["batch"], data_dir=config_utils.none(str),
-        image_size=224, train_split=config_utils.none(str), eval_split=config_utils.none(str), num_train_examples=config_utils.none(int),
-        num_eval_examples=config_utils.none(int), randaugment="rand-m9-mstd0.5-inc1", random_erasing_prob=0.25,
-        shuffle_buffer=16_384, cache=False, cache_dir=config_utils.none(str), num_shards=config_utils.none(int),
-        host_threads=config_utils.none(int),  # tf.data threads decoding and cropping (None: all cores)
-        validation_fraction=0.01, validation_seed=0,  # first 1% of train held out for the temperature fit
-    ))
-    config.model = ml_collections.ConfigDict(dict(name=args["model"], drop_path_rate=0.1, dtype="bfloat16"))
-    config.loss = ml_collections.ConfigDict(
-        dict(name=args["loss"], temperature=1.0, noise_prior="class_prior", prior_smoothing=0.0)
+    config.data.update(config_utils.image_data_config())  # the recipe's image pipeline (softnce.data.images)
+    config.data.update(
+        name=args["dataset"], batch_size=args["batch"], eval_batch_size=args["batch"],
+        validation_fraction=0.01,  # the first 1% of train is held out for the temperature fit
     )
-    config.augment = config_utils.augment_config(soft)
+    config.model = ml_collections.ConfigDict(dict(name=args["model"], drop_path_rate=0.1, dtype="bfloat16"))
+    base.set_loss(config, args["loss"])
     sti = args["loss"].startswith("soft_target_infonce")
-    config.optim = ml_collections.ConfigDict(dict(
-        base_lr=STI_BASE_LR[args["dataset"]] if sti else BASELINE_BASE_LR,
-        min_lr=1e-6, warmup_steps=5 * steps_per_epoch, b1=0.9, b2=0.999, weight_decay=0.05,
-        grad_clip_norm=None, layer_decay=0.65,
-    ))
-    config.init = config_utils.init_config()
+    config.optim.update(
+        base_lr=STI_BASE_LR[args["dataset"]] if sti else BASELINE_BASE_LR, warmup_steps=5 * steps_per_epoch,
+        layer_decay=0.65,
+    )
     return config
-

@@ -8,7 +8,8 @@ and the valid range, e.g.::
     config.optim.base_lr = -1 is out of range: must be > 0 (the peak learning rate per 256 examples).
 
 A numeric field without a rule is an error too (add the rule here when adding a field), so no
-number reaches the trainer unchecked. ``None`` means "off" wherever a rule allows it. Relations
+number reaches the trainer unchecked; code that takes such a value outside a config checks it with
+:func:`check_field` against the same rule. ``None`` means "off" wherever a rule allows it. Relations
 between fields (warm-up shorter than training, ``min_lr <= base_lr``) are checked after the
 per-field ranges.
 """
@@ -56,7 +57,8 @@ class Range:
         elif self.low == -math.inf:
             bound = f"{'<' if self.high_open else '<='} {_fmt(self.high)}"
         else:
-            bound = f"in {'(' if self.low_open else '['}{_fmt(self.low)}, {_fmt(self.high)}{')' if self.high_open else ']'}"
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            bound = f"in {left}{_fmt(self.low)}, {_fmt(self.high)}{right}"
         text = f"must be {kind} {bound}" + (" or None" if self.allow_none else "")
         return text + (f" ({self.meaning})" if self.meaning else "")
 
@@ -93,8 +95,12 @@ RULES: dict[str, Range] = {
     "eval_every_steps": count(1, "steps between evaluations"),
     "checkpoint_every_steps": count(1, "steps between checkpoints"),
     "max_checkpoints": count(1, "checkpoints kept on disk"),
-    "step_timeout_s": positive("seconds without a finished train step before the watchdog exits; None = automatic", allow_none=True),
-    "max_steps_in_flight": count(1, "train steps dispatched ahead of the host; None = 1 on CPU, 2 on accelerators", allow_none=True),
+    "step_timeout_s": positive(
+        "seconds without a finished train step before the watchdog exits; None = automatic", allow_none=True
+    ),
+    "max_steps_in_flight": count(
+        1, "train steps dispatched ahead of the host; None = 1 on CPU, 2 on accelerators", allow_none=True
+    ),
     # Data.
     "data.batch_size": count(1, "the global training batch"),
     "data.eval_batch_size": count(1, "the global evaluation batch"),
@@ -168,9 +174,19 @@ def check_config(config: ml_collections.ConfigDict, rules: Optional[dict[str, Ra
             raise ConfigError(
                 f"config.{path} = {value!r} has no validity rule; add one to softnce.config_checks.RULES."
             )
-        if not rule.contains(value):
-            raise ConfigError(f"config.{path} = {value!r} is out of range: {rule.describe()}.")
+        check_field(path, value, {path: rule})
     _check_relations(config)
+
+
+def check_field(path: str, value: Any, rules: Optional[dict[str, Range]] = None) -> None:
+    """Raises :class:`ConfigError` unless ``value`` is in the range of ``rules[path]`` (:data:`RULES`).
+
+    The one check of a field: code that takes the value outside a config (``MixConfig``,
+    ``carve_validation``, the image pipeline) calls this rather than restating the range.
+    """
+    rule = (RULES if rules is None else rules)[path]
+    if not rule.contains(value):
+        raise ConfigError(f"config.{path} = {value!r} is out of range: {rule.describe()}.")
 
 
 def _check_relations(config: ml_collections.ConfigDict) -> None:

@@ -1,4 +1,8 @@
-"""Helpers for ``configs/*.py``: the ``name.py:key=value,key=value`` variant syntax."""
+"""Helpers for ``configs/*.py``: the ``name.py:key=value,key=value`` variant syntax, typed ``None``
+placeholders, and the image data defaults (shared with :mod:`softnce.data.images`).
+
+The shared default config itself is ``configs/base.py``.
+"""
 
 from __future__ import annotations
 
@@ -34,24 +38,22 @@ def none(field_type: type) -> ml_collections.FieldReference:
     return ml_collections.FieldReference(None, field_type=field_type)
 
 
-def augment_config(soft: bool) -> ml_collections.ConfigDict:
-    """``config.augment``: the reference's soft-target recipe, or no smoothing and no mixing.
+def image_data_config() -> ml_collections.ConfigDict:
+    """The fields of ``config.data`` for the tfds image datasets, with the reference recipe's defaults.
 
-    ``soft=True``: label smoothing 0.1, MixUp alpha 0.8, CutMix alpha 1.0, mix probability 0.8,
-    switch probability 0.5, one lambda per batch (timm's ``Mixup`` as MAE fine-tuning uses it), with
-    structured targets for STI. ``soft=False``: targets are ``one_hot(labels)`` (the hard-target runs).
+    The one place of these defaults: ``configs/vit_finetune.py`` builds its ``config.data`` from
+    them and :func:`softnce.data.images.default_image_config` fills missing fields with them (see
+    :func:`softnce.data.images.make_image_dataset` for what each field means).
     """
     return ml_collections.ConfigDict(dict(
-        label_smoothing=0.1 if soft else 0.0,
-        mixup_alpha=0.8 if soft else 0.0,
-        cutmix_alpha=1.0 if soft else 0.0,
-        mix_prob=0.8,
-        switch_prob=0.5,
-        mode="batch",
-        structured=True,
+        data_dir=none(str),  # the tfds data directory (None: ~/tensorflow_datasets)
+        image_size=224,
+        train_split=none(str), eval_split=none(str),  # None: the dataset's own train / eval split names
+        num_train_examples=none(int), num_eval_examples=none(int),  # None: from the tfds metadata
+        randaugment="rand-m9-mstd0.5-inc1",  # timm's RandAugment spec; '' turns it off
+        random_erasing_prob=0.25,
+        shuffle_buffer=16_384,
+        cache=False, cache_dir=none(str),
+        num_shards=none(int),  # training shards (None: the process count)
+        host_threads=none(int),  # tf.data threads decoding and cropping (None: all cores)
     ))
-
-
-def init_config() -> ml_collections.ConfigDict:
-    """``config.init``: start from an earlier run's checkpoint or from converted MAE weights (both off)."""
-    return ml_collections.ConfigDict(dict(checkpoint=none(str), pretrained=none(str)))

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from softnce import config_checks
+
 Array = jax.Array
 
 MODES = ("batch", "pair", "elem")
@@ -96,14 +98,9 @@ class MixConfig:
     structured: bool = False
 
     def __post_init__(self):
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
-        for name in ("mixup_alpha", "cutmix_alpha"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}.")
-        for name in ("mix_prob", "switch_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}.")
+        # The ranges are the config's (softnce.config_checks.RULES["augment.*"]), checked in one place.
+        for name in ("label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob"):
+            config_checks.check_field(f"augment.{name}", getattr(self, name))
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
 

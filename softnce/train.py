@@ -33,13 +33,15 @@ import functools
 import json
 import signal
 import time
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from etils import epath
 from flax.training import train_state
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -49,9 +51,20 @@ from softnce.data import DATASETS, get_dataset
 from softnce.data.base import Dataset, DeviceEvalTransform, DeviceTrainTransform
 from softnce.watchdog import StepWatchdog
 
+if TYPE_CHECKING:
+    from clu.metric_writers import MetricWriter
+
 TrainState = train_state.TrainState
 AXIS = distributed.DATA_AXIS
 INPUT_KEY_STREAM = 0x1A6  # folded into the step key for the per-example input-augmentation keys
+
+Params = Any  # the model's parameter pytree
+TrainStepFn = Callable[[TrainState, dict, jax.Array, Optional[jax.Array]], tuple[TrainState, dict]]
+"""``(state, global batch, rng, log_noise_probs) -> (new state, metrics)``, :func:`make_sharded_train_step`."""
+EvalStepFn = Callable[[Params, dict, jax.Array], dict]
+"""``(params, global batch, temperature) -> metric sums``, :func:`make_sharded_eval_step`."""
+LogitsStepFn = Callable[[Params, dict], tuple[jax.Array, jax.Array, jax.Array]]
+"""``(params, global batch) -> (logits, label, mask)``, :func:`make_sharded_logits_step`."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,7 +144,7 @@ def train_step(
     return state.apply_gradients(grads=grads), metrics
 
 
-def make_sharded_train_step(mesh: Mesh, **step_kwargs):
+def make_sharded_train_step(mesh: Mesh, **step_kwargs) -> TrainStepFn:
     """``jit(shard_map(train_step))``: state, rng and prior replicated, batch split on ``'data'``."""
     step = functools.partial(train_step, axis_name=AXIS, **step_kwargs)
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P(), P()), out_specs=(P(), P()))
@@ -145,26 +158,26 @@ def _eval_logits(params, batch: dict, *, apply_fn, input_transform: Optional[Dev
 
 def eval_step(params, batch: dict, temperature, *, apply_fn, axis_name: Optional[str],
               input_transform: Optional[DeviceEvalTransform] = None) -> dict:
-    """Per-device evaluation sums at ``temperature`` (see :func:`softnce.evaluation.metric_sums`), summed over devices."""
+    """Per-device evaluation sums at ``temperature`` (:func:`softnce.evaluation.metric_sums`), summed over devices."""
     logits = _eval_logits(params, batch, apply_fn=apply_fn, input_transform=input_transform)
     sums = evaluation.metric_sums(logits, batch["label"], batch["mask"], temperature=temperature)
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
 
-def make_sharded_eval_step(mesh: Mesh, **step_kwargs):
+def make_sharded_eval_step(mesh: Mesh, **step_kwargs) -> EvalStepFn:
     """``(params, batch, temperature) -> sums``; the temperature is an argument (no recompilation)."""
     step = functools.partial(eval_step, axis_name=AXIS, **step_kwargs)
     return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P()))
 
 
-def make_sharded_logits_step(mesh: Mesh, **step_kwargs):
+def make_sharded_logits_step(mesh: Mesh, **step_kwargs) -> LogitsStepFn:
     """``(params, batch) -> (logits [B, C], label [B], mask [B])``, global arrays split on ``'data'``."""
     step = functools.partial(_eval_logits, **step_kwargs)
     per_device = lambda params, batch: (step(params, batch), batch["label"], batch["mask"])  # noqa: E731
     return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
 
 
-def evaluate(eval_fn, params, batches: Iterator[dict], mesh: Mesh, temperature: float) -> tuple[dict, dict]:
+def evaluate(eval_fn: EvalStepFn, params, batches: Iterator[dict], mesh: Mesh, temperature: float) -> tuple[dict, dict]:
     """One pass over ``batches`` at ``temperature``; returns ``(summary, sums)`` (padding excluded)."""
     sums = None
     t = jnp.float32(temperature)
@@ -173,7 +186,9 @@ def evaluate(eval_fn, params, batches: Iterator[dict], mesh: Mesh, temperature: 
     return evaluation.summarize(sums), sums
 
 
-def collect_logits(logits_fn, params, batches: Iterator[dict], mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+def collect_logits(
+    logits_fn: LogitsStepFn, params, batches: Iterator[dict], mesh: Mesh
+) -> tuple[np.ndarray, np.ndarray]:
     """Logits ``[n, C]`` and labels ``[n]`` of one pass over ``batches`` on every process (padding dropped)."""
     from jax.experimental import multihost_utils
 
@@ -198,16 +213,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     Unknown names list the valid choices; numbers outside their range name the field, the value
     and the range (:mod:`softnce.config_checks`).
     """
-    try:
-        losses.get_loss(config.loss.name)
-    except ValueError as error:
-        raise config_checks.ConfigError(str(error)) from None
-    if config.data.name not in DATASETS:
-        raise config_checks.ConfigError(f"unknown dataset {config.data.name!r}; valid datasets: {', '.join(sorted(DATASETS))}.")
-    if config.model.name not in models.MODELS:
-        raise config_checks.ConfigError(f"unknown model {config.model.name!r}; valid models: {', '.join(sorted(models.MODELS))}.")
+    for registry, name in ((losses.LOSSES, config.loss.name), (DATASETS, config.data.name),
+                           (models.MODELS, config.model.name)):
+        try:
+            registry.get(name)
+        except ValueError as error:
+            raise config_checks.ConfigError(str(error)) from None
     if config.loss.noise_prior not in ("class_prior", "uniform"):
-        raise config_checks.ConfigError(f"config.loss.noise_prior must be 'class_prior' or 'uniform', got {config.loss.noise_prior!r}.")
+        raise config_checks.ConfigError(
+            f"config.loss.noise_prior must be 'class_prior' or 'uniform', got {config.loss.noise_prior!r}."
+        )
     config_checks.check_config(config)
     try:
         targets.MixConfig.from_config(config.augment)
@@ -224,13 +239,11 @@ def noise_prior(config: ml_collections.ConfigDict, dataset: Dataset) -> Optional
     return losses.log_class_prior(labels, dataset.num_classes, smoothing=config.loss.get("prior_smoothing", 0.0))
 
 
-def _layer_structure(model) -> dict:
-    """The model's layer ids for layer-wise lr decay, if it has them (ViTs)."""
-    if hasattr(model, "depth"):
-        from softnce.models import vit
-
-        return {"layer_id": vit.layer_id, "depth": model.depth}
-    return {}
+def run_keys(seed_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(init_rng, train_rng)`` of a run from ``PRNGKey(config.seed)``: parameter initialisation, then
+    the key that :func:`train_step` folds with the step (and the device)."""
+    init_rng, train_rng = jax.random.split(seed_key)
+    return init_rng, train_rng
 
 
 def initial_params(config: ml_collections.ConfigDict, model, example_shape, rng, *, use_init: bool = True) -> Any:
@@ -254,7 +267,7 @@ def create_train_state(config, model, example_shape, rng, mesh: Mesh, global_bat
     params = initial_params(config, model, example_shape, rng, use_init=use_init)
     tx, schedule = optim.make_optimizer(
         config.optim, params, global_batch=global_batch, total_steps=config.num_train_steps,
-        **_layer_structure(model),
+        layers=optim.layer_structure(model),  # the model's layers for layer-wise lr decay, if it declares them
     )
     make = jax.jit(
         lambda p: TrainState.create(apply_fn=model.apply, params=p, tx=tx),
@@ -276,20 +289,20 @@ class Run:
     """Everything :func:`train_loop` needs, made by :func:`set_up`."""
 
     config: ml_collections.ConfigDict
-    workdir: Any  # epath.Path, local or gs://
+    workdir: epath.Path  # local or gs://
     mesh: Mesh
     dataset: Dataset
     state: TrainState
-    schedule: Any
+    schedule: optax.Schedule
     train_rng: jax.Array
     log_noise_probs: Optional[jax.Array]
-    step_fn: Any
-    eval_fn: Any
-    logits_fn: Any
-    manager: Any
+    step_fn: TrainStepFn
+    eval_fn: EvalStepFn
+    logits_fn: LogitsStepFn
+    manager: ocp.CheckpointManager
     ckpt_dir: str
     last_saved: Optional[int]
-    writer: Any
+    writer: MetricWriter
     local_batch: int
     local_eval_batch: int
     is_chief: bool
@@ -326,7 +339,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_chief)
 
     model = models.get_model(config.model, dataset.num_classes)
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    init_rng, train_rng = run_keys(jax.random.PRNGKey(config.seed))
     ckpt_dir = str(workdir / "checkpoints")
     manager = checkpointing.make_manager(ckpt_dir, max_to_keep=config.get("max_checkpoints", 3))
     resuming = manager.latest_step() is not None  # then neither init.checkpoint nor init.pretrained is read
@@ -433,7 +446,9 @@ def _check_finite(history: list[tuple[int, dict]], last_saved: Optional[int], ck
         for name in sorted(metrics, key=lambda k: k != "loss"):  # report the loss first
             value = metrics[name]
             if not np.all(np.isfinite(value)):
-                kept = f"the last good checkpoint (step {last_saved}) is kept in {ckpt_dir}" if last_saved else "no checkpoint was written yet"
+                kept = "no checkpoint was written yet"
+                if last_saved:
+                    kept = f"the last good checkpoint (step {last_saved}) is kept in {ckpt_dir}"
                 raise FloatingPointError(
                     f"non-finite {name} ({float(value)}) at step {step}; training stopped and {kept}. "
                     "Lower the learning rate or enable config.optim.grad_clip_norm."

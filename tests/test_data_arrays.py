@@ -31,7 +31,8 @@ def test_epochs_are_permutations_and_resume_is_exact():
 
 def test_process_shares_make_up_the_global_batch():
     single = next(ArrayDataset(*toy_arrays(), num_classes=3).train_batches(10, seed=0))
-    shares = [next(ArrayDataset(*toy_arrays(), num_classes=3, process_index=p, process_count=2).train_batches(5, seed=0)) for p in range(2)]
+    views = [ArrayDataset(*toy_arrays(), num_classes=3, process_index=p, process_count=2) for p in range(2)]
+    shares = [next(view.train_batches(5, seed=0)) for view in views]
     np.testing.assert_array_equal(np.concatenate([s["inputs"] for s in shares]), single["inputs"])
 
 
@@ -69,8 +70,8 @@ def test_carve_validation_holds_out_a_seeded_fraction_never_trained_on():
     other = carve_validation(x, y, 0.2, seed=4)[2]
     assert np.array_equal(again, x_val) and not np.array_equal(other, x_val)
     assert len(carve_validation(x, y, 0.0, seed=3)[3]) == 0
-    with pytest.raises(ValueError, match="validation_fraction must be in"):
-        carve_validation(x, y, 1.0, seed=3)
+    with pytest.raises(ValueError, match=r"validation_fraction = 1.0 is out of range: must be a number in \[0, 1\)"):
+        carve_validation(x, y, 1.0, seed=3)  # the rule of config_checks.RULES
 
 
 def test_validation_batches_cover_the_split_once_with_padding_masked():

@@ -365,10 +365,10 @@ def test_validation_config_errors(mocked):
     assert plain.num_validation_examples == 0 and plain.num_train_examples == 10  # none by default
     with pytest.raises(ValueError, match="no validation split"):
         plain.validation_batches(2)
-    with pytest.raises(ValueError, match=r"validation_fraction=1.0 must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"validation_fraction = 1.0 is out of range: must be a number in \[0, 1\)"):
         images.make_image_dataset(_config("imagenet2012", mocked, validation_fraction=1.0),
                                   process_index=0, process_count=1)
-    with pytest.raises(ValueError, match="host_threads=0"):
+    with pytest.raises(ValueError, match="host_threads = 0 is out of range: must be an integer >= 1 or None"):
         images.make_image_dataset(_config("imagenet2012", mocked, host_threads=0), process_index=0, process_count=1)
 
 

@@ -6,6 +6,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from softnce import config_checks
 from softnce.data.base import Batch, Dataset
 
 
@@ -78,26 +79,12 @@ class ArrayDataset(Dataset):
 
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
         global_size = batch_size * self.process_count
-        steps_per_epoch = self.num_train_examples // global_size
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"the global batch ({global_size}) is larger than the training set "
-                f"({self.num_train_examples} examples); lower config.data.batch_size."
-            )
-        step = start_step
-        order: Optional[np.ndarray] = None
-        epoch = -1
-        while True:
-            if step // steps_per_epoch != epoch:
-                epoch = step // steps_per_epoch
-                order = np.random.default_rng([seed, epoch]).permutation(self.num_train_examples)
-            start = (step % steps_per_epoch) * global_size
-            rows = order[start : start + global_size][self._process_slice(global_size)]
+        for rows in train_rows(self.num_train_examples, global_size, seed=seed, start_step=start_step):
+            rows = rows[self._process_slice(global_size)]
             batch = {"inputs": self.train_inputs[rows], "label": self.train_labels[rows]}
             if self.train_targets is not None:
                 batch["targets"] = self.train_targets[rows]
             yield batch
-            step += 1
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         return self._padded_batches(self.eval_inputs, self.eval_labels, batch_size)
@@ -124,10 +111,31 @@ def carve_validation(inputs, labels, fraction: float, seed: int) -> tuple[np.nda
     Returns ``(train_inputs, train_labels, val_inputs, val_labels)``; both parts keep the original
     order. ``fraction = 0`` returns the data unchanged and an empty validation part.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"config.data.validation_fraction must be in [0, 1), got {fraction}.")
+    config_checks.check_field("data.validation_fraction", fraction)
     inputs, labels = np.asarray(inputs), np.asarray(labels)
     num_val = int(round(fraction * len(labels)))
     held_out = np.zeros(len(labels), bool)
     held_out[np.random.default_rng(seed).permutation(len(labels))[:num_val]] = True
     return inputs[~held_out], labels[~held_out], inputs[held_out], labels[held_out]
+
+
+def train_rows(num_examples: int, global_batch: int, *, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
+    """The training batch order: row indices ``[global_batch]`` of step ``start_step``, then the next, ...
+
+    Each epoch is a fresh permutation seeded by ``(seed, epoch)`` with the remainder dropped, so
+    step ``s`` reads the same rows whatever step a run (re)starts at and whatever the device count.
+    """
+    steps_per_epoch = num_examples // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the global batch ({global_batch}) is larger than the training set "
+            f"({num_examples} examples); lower config.data.batch_size."
+        )
+    step, epoch, order = start_step, -1, None
+    while True:
+        if step // steps_per_epoch != epoch:
+            epoch = step // steps_per_epoch
+            order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+        start = (step % steps_per_epoch) * global_batch
+        yield order[start : start + global_batch]
+        step += 1

@@ -36,9 +36,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from softnce.data import device_augment
+from softnce import config_checks, config_utils
+from softnce.data import (
+    device_augment,
+    tiny_imagenet,  # noqa: F401  (registers the 'tiny_imagenet' builder)
+)
 from softnce.data import image_augment as augment
-from softnce.data import tiny_imagenet  # noqa: F401  (registers the 'tiny_imagenet' builder)
 from softnce.data.base import Batch, Dataset
 
 try:  # TensorFlow must never take the GPU/TPU memory that JAX needs.
@@ -81,12 +84,10 @@ SPECS: dict[str, DatasetSpec] = {
 
 
 def default_image_config() -> ml_collections.ConfigDict:
-    """The data config with the reference recipe's defaults (see :func:`make_image_dataset`)."""
+    """The data config with the reference recipe's defaults (:func:`softnce.config_utils.image_data_config`)
+    and no validation split (see :func:`make_image_dataset`)."""
     return ml_collections.ConfigDict(dict(
-        name="imagenet2012", data_dir=None, image_size=224, train_split=None, eval_split=None,
-        num_train_examples=None, num_eval_examples=None, randaugment="rand-m9-mstd0.5-inc1",
-        random_erasing_prob=0.25, shuffle_buffer=16_384, cache=False, cache_dir=None, num_shards=None,
-        host_threads=None, validation_fraction=0.0, validation_seed=0))
+        name="imagenet2012", **config_utils.image_data_config().to_dict(), validation_fraction=0.0, validation_seed=0))
 
 
 def make_image_dataset(config: ml_collections.ConfigDict, *, process_index: int,
@@ -124,10 +125,8 @@ def make_image_dataset(config: ml_collections.ConfigDict, *, process_index: int,
     full.update(dict(config))
     if full.name not in SPECS:
         raise ValueError(f"Unknown image dataset {full.name!r}; choose one of {sorted(SPECS)}.")
-    if not 0.0 <= float(full.validation_fraction) < 1.0:
-        raise ValueError(f"config.data.validation_fraction={full.validation_fraction} must be in [0, 1).")
-    if full.host_threads is not None and int(full.host_threads) < 1:
-        raise ValueError(f"config.data.host_threads={full.host_threads} must be None or an integer >= 1.")
+    config_checks.check_field("data.validation_fraction", full.validation_fraction)
+    config_checks.check_field("data.host_threads", full.host_threads)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
     train_shards(full.num_shards, process_index=process_index, process_count=process_count)

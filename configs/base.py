@@ -1,0 +1,80 @@
+"""The shared default: every launchable config starts from ``get_config()`` and overrides what differs.
+
+Flax's examples pattern (``examples/imagenet/configs/default.py``): one base holds each field that
+most configs share, with its default, and ``configs/digits.py`` etc. set only their dataset, model
+and what their experiment changes. Not launchable by itself: it names no dataset and no model.
+
+Every numeric field has its validity rule in ``softnce.config_checks.RULES``.
+"""
+
+import ml_collections
+
+from softnce.config_utils import none
+
+# Trained on one_hot(labels) by default: no label smoothing, no MixUp / CutMix (the paper's comparison).
+HARD_LABEL_LOSSES = ("nll", "infonce")
+AUGMENT_CHOICES = ("auto", "on", "off")
+
+
+def augment(soft: bool) -> ml_collections.ConfigDict:
+    """``config.augment``: the reference's soft-target recipe, or no smoothing and no mixing.
+
+    ``soft=True``: label smoothing 0.1, MixUp alpha 0.8, CutMix alpha 1.0, mix probability 0.8,
+    switch probability 0.5, one lambda per batch (timm's ``Mixup`` as MAE fine-tuning uses it), with
+    structured targets for STI. ``soft=False``: targets are ``one_hot(labels)`` (the hard-target runs).
+    """
+    return ml_collections.ConfigDict(dict(
+        label_smoothing=0.1 if soft else 0.0,
+        mixup_alpha=0.8 if soft else 0.0,
+        cutmix_alpha=1.0 if soft else 0.0,
+        mix_prob=0.8,
+        switch_prob=0.5,
+        mode="batch",
+        structured=True,
+    ))
+
+
+def set_loss(config: ml_collections.ConfigDict, loss: str, augment_choice: str = "auto") -> None:
+    """Sets ``config.loss.name`` and, with it, ``config.augment``.
+
+    ``augment_choice``: ``'auto'``, the soft-target recipe for every loss except
+    :data:`HARD_LABEL_LOSSES`, which get ``one_hot(labels)``; ``'on'`` / ``'off'``, the recipe / no
+    smoothing and no mixing whatever the loss.
+    """
+    if augment_choice not in AUGMENT_CHOICES:
+        raise ValueError(f"unknown augment {augment_choice!r}; valid choices: {', '.join(AUGMENT_CHOICES)}.")
+    config.loss.name = loss
+    config.augment = augment(loss not in HARD_LABEL_LOSSES if augment_choice == "auto" else augment_choice == "on")
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.num_train_steps = 1000  # every config sets its own
+    config.log_every_steps = 100
+    config.eval_every_steps = 1000  # evaluation and checkpoint go together in every config
+    config.checkpoint_every_steps = 1000
+    config.max_checkpoints = 2  # the newest and one to fall back on
+    config.step_timeout_s = none(float)  # the step watchdog; None = automatic (softnce.watchdog)
+    config.max_steps_in_flight = none(int)  # None = 1 on CPU, 2 on accelerators
+
+    # Each config adds data.name and its dataset's fields. validation_fraction: the share of the
+    # training data held out to fit the post-hoc temperature (never trained on).
+    config.data = ml_collections.ConfigDict(dict(
+        batch_size=128, eval_batch_size=1000, validation_fraction=0.1, validation_seed=0,
+    ))
+    # noise_prior: the eta of the InfoNCE losses, 'class_prior' (training-label frequencies) or 'uniform';
+    # prior_smoothing: pseudo-count added to every class count.
+    config.loss = ml_collections.ConfigDict(
+        dict(name="soft_target_infonce", temperature=1.0, noise_prior="class_prior", prior_smoothing=0.0)
+    )
+    config.augment = augment(soft=True)
+    # AdamW; lr = base_lr * batch / 256 after a linear warm-up, then a half-cosine to min_lr.
+    # layer_decay: layer-wise lr decay of the ViT (None = off).
+    config.optim = ml_collections.ConfigDict(dict(
+        base_lr=2e-3, min_lr=1e-6, warmup_steps=50, b1=0.9, b2=0.999, weight_decay=0.05,
+        grad_clip_norm=None, layer_decay=None,
+    ))
+    # Start from an earlier run's checkpoint or from converted MAE weights (both off).
+    config.init = ml_collections.ConfigDict(dict(checkpoint=none(str), pretrained=none(str)))
+    return config
