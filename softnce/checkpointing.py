@@ -9,6 +9,11 @@ damaged ones aside (never deletes them) to ``<checkpoints>.corrupt/<step>``.
 
 from __future__ import annotations
 
+from softnce import _extras
+
+if _extras.MISSING_TRAIN:
+    raise _extras.missing_extra("train", __name__)
+
 import os
 import time
 from typing import Any, Callable, Optional
@@ -30,9 +35,58 @@ def make_manager(directory: str | os.PathLike, *, max_to_keep: int = 3) -> ocp.C
     return ocp.CheckpointManager(resolve(directory), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-    """Saves ``state`` at ``step`` (asynchronously; call ``manager.wait_until_finished()`` to block)."""
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+def save(manager: ocp.CheckpointManager, step: int, state: Any, metadata: Optional[dict] = None) -> None:
+    """Saves ``state`` at ``step`` (asynchronously; call ``manager.wait_until_finished()`` to block).
+
+    ``metadata`` (JSON-serialisable, :mod:`softnce.checkpoint_metadata`) is stored with the step in
+    orbax's step metadata (``custom_metadata``), written atomically with the checkpoint.
+    """
+    custom = None if metadata is None else {METADATA_KEY: metadata}
+    manager.save(step, args=ocp.args.StandardSave(state), force=True, custom_metadata=custom)
+
+
+METADATA_KEY = "softnce"  # the key of :func:`save`'s metadata in orbax's custom_metadata
+
+
+def step_dir(directory: str | os.PathLike, step: int) -> epath.Path:
+    """The directory of checkpoint ``step`` in a checkpoint directory (``<directory>/<step>``)."""
+    return resolve(directory) / str(step)
+
+
+def read_only_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
+    """A ``CheckpointManager`` for reading the trainer's checkpoints in ``directory`` (evaluation, inference).
+
+    It never creates the directory and is never asked to save (orbax's ``read_only`` option would
+    log three warnings each time).
+    """
+    return ocp.CheckpointManager(resolve(directory), item_handlers=ocp.StandardCheckpointHandler(),
+                                 options=ocp.CheckpointManagerOptions(create=False))
+
+
+def saved_metadata(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
+    """The ``metadata`` that :func:`save` stored with ``step``, or ``None`` (a checkpoint saved without it)."""
+    try:
+        custom = manager.metadata(step).custom_metadata or {}
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+    return custom.get(METADATA_KEY)
+
+
+def restore_params_only(directory: str | os.PathLike, step: int, abstract_params: Any) -> Any:
+    """Only the ``params`` of the trainer checkpoint ``step`` in ``directory``, into ``abstract_params``.
+
+    ``abstract_params`` is the params' ``jax.eval_shape`` with the wanted shardings (e.g. replicated
+    over a mesh of any size, or one device): the optimiser state is not read, and the checkpoint may
+    come from any device or process count.
+    """
+    item = step_dir(directory, step) / "default"
+    target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(
+            item, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        )
+    return restored["params"]
 
 
 def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = None) -> Any:

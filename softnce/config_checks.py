@@ -20,7 +20,11 @@ import dataclasses
 import math
 from typing import Any, Iterator, Optional
 
-import ml_collections
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the rules need no ml_collections: softnce.targets (light core) checks MixConfig here
+    import ml_collections
 
 
 class ConfigError(ValueError):
@@ -148,10 +152,10 @@ RULES: dict[str, Range] = {
 
 def numeric_leaves(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """``(dotted path, value)`` of every numeric leaf (and every entry of a numeric tuple/list)."""
-    items = config.items() if isinstance(config, (dict, ml_collections.ConfigDict)) else ()
+    items = config.items() if _is_mapping(config) else ()
     for key, value in items:
         path = f"{prefix}{key}"
-        if isinstance(value, (dict, ml_collections.ConfigDict)):
+        if _is_mapping(value):
             yield from numeric_leaves(value, path + ".")
         elif isinstance(value, (tuple, list)):
             for entry in value:
@@ -159,6 +163,11 @@ def numeric_leaves(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
                     yield path, entry
         elif _is_number(value) or (value is None and path in RULES):
             yield path, value
+
+
+def _is_mapping(value: Any) -> bool:
+    """A dict, a ``Mapping`` or an ``ml_collections.ConfigDict`` (which has ``items`` but is no ``Mapping``)."""
+    return isinstance(value, Mapping) or (hasattr(value, "items") and hasattr(value, "to_dict"))
 
 
 def _is_number(value: Any) -> bool:

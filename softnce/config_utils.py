@@ -6,6 +6,11 @@ The shared default config itself is ``configs/base.py``.
 
 from __future__ import annotations
 
+from softnce import _extras
+
+if _extras.MISSING_TRAIN:
+    raise _extras.missing_extra("train", __name__)
+
 import ast
 from typing import Any
 

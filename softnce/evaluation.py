@@ -16,6 +16,11 @@ with ``n_b`` the examples in bin ``b``, ``acc_b`` their accuracy and ``conf_b`` 
 
 from __future__ import annotations
 
+from softnce import _extras
+
+if _extras.MISSING_TRAIN:
+    raise _extras.missing_extra("train", __name__)
+
 import io
 from typing import Optional
 

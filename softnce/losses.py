@@ -16,7 +16,8 @@ computed as ``S = s @ A^T`` (no ``[N, M, C]`` intermediate). With ``axis_name`` 
 the positive of local row ``i`` is global column ``i + N * axis_index``.
 
 Adding a loss to the trainer is one pure function plus one :func:`register_loss` entry; the
-registered function has the signature ``fn(logits, inputs: LossInputs) -> [N]``.
+registered function has the signature ``fn(logits, inputs: LossInputs) -> [N]``. Every entry of the
+package is a thin adapter that passes ``inputs`` to the public function of the same meaning.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from softnce.registry import Registry
 from softnce.targets import StructuredTargets
 
 Array = jax.Array
@@ -79,6 +81,16 @@ def _check_noise(fn: str, logits, log_noise_probs) -> None:
             f"{fn}: log_noise_probs must have shape [C] = ({logits.shape[-1]},) to match logits "
             f"{tuple(logits.shape)}; got {tuple(log_noise_probs.shape)}."
         )
+
+
+def _checked_scores(fn: str, logits, operand, check: Callable, log_noise_probs, temperature) -> Array:
+    """The argument checks of the InfoNCE-type loss ``fn`` and its scores ``s = z / t - log(eta)``.
+
+    ``check(fn, logits, operand)`` checks the targets or labels; then the noise prior is checked.
+    """
+    check(fn, logits, operand)
+    _check_noise(fn, logits, log_noise_probs)
+    return _scaled_scores(logits, log_noise_probs, temperature)
 
 
 def validate_targets(targets, *, atol: float = 1e-4) -> None:
@@ -176,11 +188,7 @@ def _contrastive_loss(scores: Array, offset: Array) -> Array:
 
 
 def soft_target_infonce(
-    logits: Array,
-    targets: Array,
-    *,
-    log_noise_probs: Optional[Array] = None,
-    temperature: float = 1.0,
+    logits: Array, targets: Array, *, log_noise_probs: Optional[Array] = None, temperature: float = 1.0,
     axis_name: Optional[str] = None,
 ) -> Array:
     """Soft target InfoNCE (STI), per example.
@@ -204,21 +212,14 @@ def soft_target_infonce(
     >>> np.round(np.asarray(soft_target_infonce(z, a)), 4)
     array([0.2204, 0.4032], dtype=float32)
     """
-    fn = "soft_target_infonce"
-    _check_targets(fn, logits, targets)
-    _check_noise(fn, logits, log_noise_probs)
-    s = _scaled_scores(logits, log_noise_probs, temperature)
+    s = _checked_scores("soft_target_infonce", logits, targets, _check_targets, log_noise_probs, temperature)
     all_targets, offset = _gather_over_devices(jax.lax.stop_gradient(targets).astype(s.dtype), axis_name)
     scores = s @ all_targets.T
     return _contrastive_loss(scores, offset)
 
 
 def infonce(
-    logits: Array,
-    labels: Array,
-    *,
-    log_noise_probs: Optional[Array] = None,
-    temperature: float = 1.0,
+    logits: Array, labels: Array, *, log_noise_probs: Optional[Array] = None, temperature: float = 1.0,
     axis_name: Optional[str] = None,
 ) -> Array:
     """Hard InfoNCE: :func:`soft_target_infonce` with ``a = one_hot(y)``, per example.
@@ -226,10 +227,7 @@ def infonce(
     ``S[i, j] = s_i[y_j]`` is a gather (``O(N M)``, no matmul); duplicate classes in the batch stay
     separate candidates. Args as :func:`soft_target_infonce`, with integer ``labels`` ``[N]``.
     """
-    fn = "infonce"
-    _check_labels(fn, logits, labels)
-    _check_noise(fn, logits, log_noise_probs)
-    s = _scaled_scores(logits, log_noise_probs, temperature)
+    s = _checked_scores("infonce", logits, labels, _check_labels, log_noise_probs, temperature)
     all_labels, offset = _gather_over_devices(labels, axis_name)
     scores = jnp.take(s, all_labels, axis=1)
     return _contrastive_loss(scores, offset)
@@ -242,10 +240,10 @@ def soft_target_cross_entropy(logits: Array, targets: Array, *, temperature: flo
     return optax.losses.softmax_cross_entropy(s, targets.astype(s.dtype))
 
 
-def nll(logits: Array, labels: Array) -> Array:
-    """Hard cross-entropy (negative log-likelihood) ``L_i = -log_softmax(z_i)[y_i]``, ``[N]``."""
+def nll(logits: Array, labels: Array, *, temperature: float = 1.0) -> Array:
+    """Hard cross-entropy (negative log-likelihood) ``L_i = -log_softmax(z_i / t)[y_i]``, ``[N]``."""
     _check_labels("nll", logits, labels)
-    s = _scaled_scores(logits, None, 1.0)
+    s = _scaled_scores(logits, None, temperature)
     return optax.losses.softmax_cross_entropy_with_integer_labels(s, labels)
 
 
@@ -256,23 +254,20 @@ def sample_hard_labels(rng: Array, targets: Array) -> Array:
 
 
 def soft_distribution_infonce(
-    logits: Array,
-    targets: Array,
-    rng: Array,
-    *,
-    log_noise_probs: Optional[Array] = None,
-    temperature: float = 1.0,
-    axis_name: Optional[str] = None,
+    logits: Array, targets: Array, rng: Array, *, log_noise_probs: Optional[Array] = None,
+    temperature: float = 1.0, axis_name: Optional[str] = None, rng_per_device: bool = False,
 ) -> Array:
     """Soft distribution InfoNCE (sampled): hard :func:`infonce` on ``y_i ~ Categorical(a_i)``.
 
     The principled form of the paper's baseline that trains hard InfoNCE on soft-target data. With
     ``axis_name`` set, ``rng`` is folded with the device index, so every device may pass the same key
-    and still draws independent labels. (The reference's own variant keeps each sample's pre-mix
-    label; it is registered as ``soft_distribution_infonce_premix``.)
+    and still draws independent labels; ``rng_per_device=True`` says that ``rng`` already differs
+    per device (as the trainer's ``LossInputs.rng`` does) and leaves it as it is. (The reference's
+    own variant keeps each sample's pre-mix label; it is registered as
+    ``soft_distribution_infonce_premix``.)
     """
     _check_targets("soft_distribution_infonce", logits, targets)
-    if axis_name is not None:
+    if axis_name is not None and not rng_per_device:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     labels = sample_hard_labels(rng, targets)
     return infonce(
@@ -295,11 +290,7 @@ def _check_structured(fn: str, logits, targets: StructuredTargets) -> None:
 
 
 def structured_soft_target_infonce(
-    logits: Array,
-    targets: StructuredTargets,
-    *,
-    log_noise_probs: Optional[Array] = None,
-    temperature: float = 1.0,
+    logits: Array, targets: StructuredTargets, *, log_noise_probs: Optional[Array] = None, temperature: float = 1.0,
     axis_name: Optional[str] = None,
 ) -> Array:
     """Soft target InfoNCE on structured targets (sparse classes plus a uniform mass), per example.
@@ -323,10 +314,11 @@ def structured_soft_target_infonce(
       ``[N]`` float32 losses.
     """
     fn = "structured_soft_target_infonce"
-    _check_structured(fn, logits, targets)
-    _check_noise(fn, logits, log_noise_probs)
-    s = _scaled_scores(logits, log_noise_probs, temperature)
-    constant = lambda x: jax.lax.stop_gradient(x).astype(s.dtype)
+    s = _checked_scores(fn, logits, targets, _check_structured, log_noise_probs, temperature)
+
+    def constant(x):
+        return jax.lax.stop_gradient(x).astype(s.dtype)
+
     class_ids, offset = _gather_over_devices(targets.class_ids, axis_name)
     weights, _ = _gather_over_devices(constant(targets.weights), axis_name)
     uniform, _ = _gather_over_devices(constant(targets.uniform), axis_name)
@@ -395,13 +387,8 @@ def _streaming_logsumexp(s: Array, candidates: Array, block_size: int) -> Array:
 
 
 def blockwise_soft_target_infonce(
-    logits: Array,
-    targets: Array,
-    *,
-    log_noise_probs: Optional[Array] = None,
-    temperature: float = 1.0,
-    axis_name: Optional[str] = None,
-    block_size: int = BLOCKWISE_BLOCK_SIZE,
+    logits: Array, targets: Array, *, log_noise_probs: Optional[Array] = None, temperature: float = 1.0,
+    axis_name: Optional[str] = None, block_size: int = BLOCKWISE_BLOCK_SIZE,
 ) -> Array:
     """:func:`soft_target_infonce` with memory bounded by ``O(N * block_size)``, per example.
 
@@ -418,11 +405,9 @@ def blockwise_soft_target_infonce(
       ``[N]`` float32 losses.
     """
     fn = "blockwise_soft_target_infonce"
-    _check_targets(fn, logits, targets)
-    _check_noise(fn, logits, log_noise_probs)
+    s = _checked_scores(fn, logits, targets, _check_targets, log_noise_probs, temperature)
     if int(block_size) < 1:
         raise ValueError(f"{fn}: block_size must be a positive integer, got {block_size}.")
-    s = _scaled_scores(logits, log_noise_probs, temperature)
     own_targets = jax.lax.stop_gradient(targets).astype(s.dtype)
     all_targets, _ = _gather_over_devices(own_targets, axis_name)
     positive = jnp.sum(s * own_targets, axis=1)
@@ -476,31 +461,33 @@ class LossSpec:
     uses_noise_prior: bool
 
 
-LOSSES: dict[str, LossSpec] = {}
+LOSSES: Registry[LossSpec] = Registry("loss", "losses")
 
 
-def register_loss(name: str, *, uses_noise_prior: bool = False) -> Callable[[LossFn], LossFn]:
-    """Decorator: registers ``fn(logits, inputs: LossInputs) -> [N]`` under ``name``."""
+def register_loss(
+    name: str, fn: Optional[LossFn] = None, *, uses_noise_prior: bool = False, overwrite: bool = False
+):
+    """Registers ``fn(logits, inputs: LossInputs) -> [N]`` as ``config.loss.name = name``.
 
-    def decorator(fn: LossFn) -> LossFn:
-        if name in LOSSES:
-            raise ValueError(f"a loss named {name!r} is already registered.")
-        LOSSES[name] = LossSpec(name=name, fn=fn, uses_noise_prior=uses_noise_prior)
+    Returns ``fn``; without it, a decorator. ``uses_noise_prior``: the trainer computes ``log(eta)``
+    for it (``inputs.log_noise_probs``). A taken name is an error unless ``overwrite``.
+    """
+
+    def register(fn: LossFn) -> LossFn:
+        LOSSES.register(name, LossSpec(name=name, fn=fn, uses_noise_prior=uses_noise_prior), overwrite=overwrite)
         return fn
 
-    return decorator
+    return register if fn is None else register(fn)
 
 
 def get_loss(name: str) -> LossSpec:
     """Returns the registered loss ``name``; an unknown name lists the valid ones."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(sorted(LOSSES))}.")
-    return LOSSES[name]
+    return LOSSES.get(name)
 
 
 @register_loss("nll")
 def _nll(logits, inputs: LossInputs):
-    return nll(logits / inputs.temperature, inputs.labels)
+    return nll(logits, inputs.labels, temperature=inputs.temperature)
 
 
 @register_loss("soft_target_cross_entropy")
@@ -531,8 +518,10 @@ def _sti_blockwise(logits, inputs: LossInputs):
 
 @register_loss("soft_distribution_infonce", uses_noise_prior=True)
 def _sampled_infonce(logits, inputs: LossInputs):
-    # inputs.rng is already distinct per device, so no further fold-in (axis_name=None for sampling).
-    return infonce(logits, sample_hard_labels(inputs.rng, inputs.targets), **inputs.contrastive_options)
+    # inputs.rng is already distinct per device, so no further fold-in.
+    return soft_distribution_infonce(
+        logits, inputs.targets, inputs.rng, rng_per_device=True, **inputs.contrastive_options
+    )
 
 
 @register_loss("soft_distribution_infonce_premix", uses_noise_prior=True)

@@ -2,10 +2,17 @@
 
 ``--config.<field>=<value>`` overrides any config field. For multi-process jobs on one machine or
 without auto-detection, pass ``--coordinator_address``, ``--num_processes`` and ``--process_id``;
-Cloud TPU pods, SLURM and Open MPI are detected automatically.
+Cloud TPU pods, SLURM and Open MPI are detected automatically. ``--import_modules=my_module`` imports
+a module of the user's first, so the config may name the losses, models and datasets it registers
+(``softnce.losses.register_loss``, ``softnce.models.register_model``, ``softnce.data.register_dataset``).
 """
 
 from __future__ import annotations
+
+from softnce import _extras
+
+if _extras.MISSING_TRAIN:
+    raise _extras.missing_extra("train", __name__)
 
 import os
 import sys
@@ -15,12 +22,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py:loss=nll.", lock_config=True)
+from softnce import cli  # noqa: E402  (no jax, no TensorFlow)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/digits.py:loss=nll.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process only).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process only).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process only).")
-_IMPORTS = flags.DEFINE_list("import_modules", [], "Modules to import first, e.g. ones that register losses.")
+_IMPORTS = flags.DEFINE_list(
+    "import_modules", [], "Modules to import first, e.g. ones that register losses, models or datasets."
+)
 _NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None, "Simulate this many CPU devices (testing).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -30,6 +43,8 @@ flags.mark_flags_as_required(["config", "workdir"])
     message="--coordinator_address, --num_processes and --process_id go together (see --helpfull).",
 )
 def _check_multiprocess_flags(values) -> bool:
+    if all(value is None for value in values.values()):
+        return True  # the usual single process: no need to import jax (softnce.distributed) here
     from softnce.distributed import check_initialize_args
 
     try:
@@ -41,7 +56,10 @@ def _check_multiprocess_flags(values) -> bool:
 
 def main(argv) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags look like --name=value).")
+    # Everything that can be checked without jax and TensorFlow is checked first, so a bad command
+    # line is one line on stderr (exit 2) before any of their start-up log lines.
+    config = cli.config_value(_CONFIG, cli.config_flag_value(sys.argv[1:]))
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; keep library INFO logs out
@@ -51,26 +69,34 @@ def main(argv) -> None:
         jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
         if _COORDINATOR.value:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; never give it the accelerator.
 
     import importlib
 
     from softnce import distributed, train
+    from softnce.config_checks import ConfigError
 
     for module in _IMPORTS.value:
         importlib.import_module(module)  # e.g. a module of the user's that calls losses.register_loss
-
-    from softnce.config_checks import ConfigError
-
+    try:
+        train.validate_config(config)  # names and numbers: before TensorFlow is imported
+    except ConfigError as error:
+        cli.fail(error)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        mesh = distributed.make_mesh()
+        distributed.check_batch_size(config.data.batch_size, mesh)
+        distributed.check_batch_size(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
+    except ConfigError as error:
+        cli.fail(error)
+
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; never give it the accelerator.
+    try:
+        train.train_and_evaluate(config, _WORKDIR.value)
     except ConfigError as error:  # a bad config: one line, before any work was done
-        print(f"softnce: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        cli.fail(error)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.absl_flags_parser)

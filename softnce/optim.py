@@ -7,12 +7,21 @@
 * optional gradient clipping by global norm;
 * optional layer-wise learning-rate decay: the update of a parameter in layer ``l`` of a model of
   ``L`` layers is scaled by ``layer_decay ** (L + 1 - l)`` (layer ids from the model's
-  ``layer_id(path, depth)``; the head is layer ``L + 1`` and keeps the full rate).
+  :class:`LayerStructure`; the head is layer ``L + 1`` and keeps the full rate).
+
+A model tells its layers by a ``layer_structure() -> LayerStructure`` method (the ViTs have one,
+:class:`HasLayerStructure`); :func:`layer_structure` reads it, and a model without it gets no
+layer-wise decay.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from softnce import _extras
+
+if _extras.MISSING_TRAIN:
+    raise _extras.missing_extra("train", __name__)
+
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +72,30 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def layer_decay_scales(params, layer_decay: float, depth: int, layer_id: Callable) -> object:
+LayerIdFn = Callable[[Sequence[str], int], int]
+"""``layer_id(path, depth) -> l``: ``0`` for the embeddings, ``1..depth`` the blocks, ``depth + 1`` the head."""
+
+
+class LayerStructure(NamedTuple):
+    """A model's layers for layer-wise lr decay: ``depth`` blocks and the layer of each parameter."""
+
+    layer_id: LayerIdFn
+    depth: int
+
+
+@runtime_checkable
+class HasLayerStructure(Protocol):
+    """A model that supports layer-wise lr decay."""
+
+    def layer_structure(self) -> LayerStructure: ...
+
+
+def layer_structure(model: Any) -> Optional[LayerStructure]:
+    """``model.layer_structure()`` if the model has the method (:class:`HasLayerStructure`), else ``None``."""
+    return model.layer_structure() if isinstance(model, HasLayerStructure) else None
+
+
+def layer_decay_scales(params, layer_decay: float, depth: int, layer_id: LayerIdFn) -> object:
     """``layer_decay ** (depth + 1 - layer_id(path, depth))`` for every parameter."""
     return jax.tree_util.tree_map_with_path(
         lambda path, _: layer_decay ** (depth + 1 - layer_id(_path_names(path), depth)), params
@@ -76,13 +108,13 @@ def make_optimizer(
     *,
     global_batch: int,
     total_steps: int,
-    layer_id: Optional[Callable] = None,
-    depth: Optional[int] = None,
+    layers: Optional[LayerStructure] = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Builds the optax optimiser of ``config`` (``config.optim``) for ``params``.
 
     Fields: ``base_lr``, ``min_lr``, ``warmup_steps``, ``b1``, ``b2``, ``weight_decay``,
-    ``grad_clip_norm`` (None/0: off), ``layer_decay`` (None/1: off; needs the model's ``layer_id``).
+    ``grad_clip_norm`` (None/0: off), ``layer_decay`` (None/1: off; needs ``layers``, the model's
+    :func:`layer_structure`).
     """
     schedule = learning_rate_schedule(config, global_batch, total_steps)
     parts = []
@@ -99,10 +131,10 @@ def make_optimizer(
     )
     layer_decay = config.get("layer_decay")
     if layer_decay and layer_decay != 1.0:
-        if layer_id is None or depth is None:
+        if layers is None:
             raise ValueError(
-                "config.optim.layer_decay is set but the model has no layer structure; "
-                "use a ViT model or set config.optim.layer_decay = None."
+                "config.optim.layer_decay is set but the model has no layer structure (no layer_structure() "
+                "method, softnce.optim.HasLayerStructure); use a ViT model or set config.optim.layer_decay = None."
             )
-        parts.append(scale_by_tree(layer_decay_scales(params, layer_decay, depth, layer_id)))
+        parts.append(scale_by_tree(layer_decay_scales(params, layer_decay, layers.depth, layers.layer_id)))
     return optax.chain(*parts), schedule

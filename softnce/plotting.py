@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from softnce import _extras
+
+if _extras.MISSING_TRAIN:
+    raise _extras.missing_extra("train", __name__)
 
 def pyplot():
     """``matplotlib.pyplot`` on the ``Agg`` backend (PNG files, no screen needed)."""

@@ -27,6 +27,11 @@ test metrics are reported at ``t*`` too: ``temperature``, ``nll_calibrated``, ``
 
 from __future__ import annotations
 
+from softnce import _extras
+
+if _extras.MISSING_TRAIN:
+    raise _extras.missing_extra("train", __name__)
+
 import collections
 import dataclasses
 import functools
@@ -46,7 +51,17 @@ from flax.training import train_state
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from softnce import checkpointing, config_checks, distributed, evaluation, losses, models, optim, targets
+from softnce import (
+    checkpoint_metadata,
+    checkpointing,
+    config_checks,
+    distributed,
+    evaluation,
+    losses,
+    models,
+    optim,
+    targets,
+)
 from softnce.data import DATASETS, get_dataset
 from softnce.data.base import Dataset, DeviceEvalTransform, DeviceTrainTransform
 from softnce.watchdog import StepWatchdog
@@ -239,6 +254,21 @@ def noise_prior(config: ml_collections.ConfigDict, dataset: Dataset) -> Optional
     return losses.log_class_prior(labels, dataset.num_classes, smoothing=config.loss.get("prior_smoothing", 0.0))
 
 
+def make_dataset_and_model(config: ml_collections.ConfigDict) -> tuple[Dataset, Any]:
+    """This process's dataset of ``config.data`` and the Flax model of ``config.model`` for its classes.
+
+    The one place that builds them: training (:func:`set_up`), ``softnce.evaluate`` and ``softnce.inference``.
+    """
+    dataset = get_dataset(config.data, process_index=jax.process_index(), process_count=jax.process_count())
+    return dataset, models.get_model(config.model, dataset.num_classes)
+
+
+def make_eval_fns(mesh: Mesh, model, dataset: Dataset) -> tuple[EvalStepFn, LogitsStepFn]:
+    """``(eval_fn, logits_fn)`` of ``model`` on ``dataset``'s eval inputs (its ``device_eval_transform`` applied)."""
+    eval_kwargs = dict(apply_fn=model.apply, input_transform=dataset.device_eval_transform)
+    return make_sharded_eval_step(mesh, **eval_kwargs), make_sharded_logits_step(mesh, **eval_kwargs)
+
+
 def run_keys(seed_key: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(init_rng, train_rng)`` of a run from ``PRNGKey(config.seed)``: parameter initialisation, then
     the key that :func:`train_step` folds with the step (and the device)."""
@@ -327,7 +357,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     is_chief = jax.process_index() == 0
     local_batch = distributed.check_batch_size(config.data.batch_size, mesh)
     local_eval_batch = distributed.check_batch_size(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
-    dataset = get_dataset(config.data, process_index=jax.process_index(), process_count=jax.process_count())
+    dataset, model = make_dataset_and_model(config)
     log_noise_probs = noise_prior(config, dataset)
     mix_config = targets.MixConfig.from_config(config.augment)
     loss_spec = losses.get_loss(config.loss.name)
@@ -338,7 +368,6 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
         _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
     writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_chief)
 
-    model = models.get_model(config.model, dataset.num_classes)
     init_rng, train_rng = run_keys(jax.random.PRNGKey(config.seed))
     ckpt_dir = str(workdir / "checkpoints")
     manager = checkpointing.make_manager(ckpt_dir, max_to_keep=config.get("max_checkpoints", 3))
@@ -358,11 +387,11 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
         mesh, loss_fn=loss_spec.fn, num_classes=dataset.num_classes, mix_config=mix_config,
         temperature=config.loss.temperature, input_transform=dataset.device_train_transform,
     )
-    eval_kwargs = dict(apply_fn=model.apply, input_transform=dataset.device_eval_transform)
+    eval_fn, logits_fn = make_eval_fns(mesh, model, dataset)
     return Run(
         config=config, workdir=workdir, mesh=mesh, dataset=dataset, state=state, schedule=schedule,
         train_rng=train_rng, log_noise_probs=log_noise_probs, step_fn=step_fn,
-        eval_fn=make_sharded_eval_step(mesh, **eval_kwargs), logits_fn=make_sharded_logits_step(mesh, **eval_kwargs),
+        eval_fn=eval_fn, logits_fn=logits_fn,
         manager=manager, ckpt_dir=ckpt_dir, last_saved=last_saved, writer=writer, local_batch=local_batch,
         local_eval_batch=local_eval_batch, is_chief=is_chief,
     )
@@ -480,6 +509,13 @@ def _evaluate_test(run: Run) -> tuple[dict, dict]:
     return evaluate(run.eval_fn, run.state.params, batches, run.mesh, run.config.loss.temperature)
 
 
+def fit_validation_temperature(logits_fn: LogitsStepFn, params, dataset: Dataset, local_eval_batch: int,
+                               mesh: Mesh) -> float:
+    """``t*``: the temperature minimising the NLL of ``params`` on ``dataset``'s validation split."""
+    val_logits, val_labels = collect_logits(logits_fn, params, dataset.validation_batches(local_eval_batch), mesh)
+    return evaluation.fit_temperature(val_logits, val_labels)
+
+
 def calibrate(run: Run) -> Optional[tuple[dict, dict]]:
     """Fits ``t*`` on the validation NLL and evaluates the test split at ``t*``.
 
@@ -488,10 +524,7 @@ def calibrate(run: Run) -> Optional[tuple[dict, dict]]:
     """
     if not run.dataset.num_validation_examples:
         return None
-    val_logits, val_labels = collect_logits(
-        run.logits_fn, run.state.params, run.dataset.validation_batches(run.local_eval_batch), run.mesh
-    )
-    t_star = evaluation.fit_temperature(val_logits, val_labels)
+    t_star = fit_validation_temperature(run.logits_fn, run.state.params, run.dataset, run.local_eval_batch, run.mesh)
     summary, sums = evaluate(
         run.eval_fn, run.state.params, run.dataset.eval_batches(run.local_eval_batch), run.mesh, t_star
     )
@@ -501,15 +534,23 @@ def calibrate(run: Run) -> Optional[tuple[dict, dict]]:
 def _write_results(run: Run, summary: dict, sums: dict, calibrated_sums: Optional[dict]) -> None:
     """``metrics.json``, ``eval_sums.json`` (and ``eval_sums_calibrated.json`` at ``t*``) and ``reliability.png``
     in the workdir (process 0 only)."""
-    if not run.is_chief:
-        return
-    _write_json(run.workdir / "metrics.json", summary)
-    _write_json(run.workdir / "eval_sums.json", {k: np.asarray(v).tolist() for k, v in sums.items()})
-    panels = {f"{run.config.loss.name} (t = {run.config.loss.temperature:g})": sums}
+    if run.is_chief:
+        write_results(run.workdir, run.config, summary, sums, calibrated_sums)
+
+
+def write_results(directory: epath.Path, config: ml_collections.ConfigDict, summary: dict, sums: dict,
+                  calibrated_sums: Optional[dict], *, title: Optional[str] = None) -> None:
+    """Writes ``metrics.json`` (``summary``), ``eval_sums.json``, ``eval_sums_calibrated.json`` (at
+    ``summary['temperature']``, if given) and ``reliability.png`` to ``directory`` (call on process 0)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_json(directory / "metrics.json", summary)
+    _write_json(directory / "eval_sums.json", {k: np.asarray(v).tolist() for k, v in sums.items()})
+    panels = {f"{config.loss.name} (t = {config.loss.temperature:g})": sums}
     if calibrated_sums is not None:
-        _write_json(run.workdir / "eval_sums_calibrated.json", {k: np.asarray(v).tolist() for k, v in calibrated_sums.items()})
+        _write_json(directory / "eval_sums_calibrated.json",
+                    {k: np.asarray(v).tolist() for k, v in calibrated_sums.items()})
         panels[f"calibrated (t* = {summary['temperature']:.3g})"] = calibrated_sums
-    evaluation.plot_reliability_diagram(panels, str(run.workdir / "reliability.png"), title=run.config.data.name)
+    evaluation.plot_reliability_diagram(panels, str(directory / "reliability.png"), title=title or config.data.name)
 
 
 def _write_json(path, obj) -> None:
@@ -535,6 +576,7 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
     sums: dict = {}
     watchdog = StepWatchdog(config.get("step_timeout_s"), process_index=jax.process_index())
     in_flight = StepsInFlight(max_steps_in_flight(config), watchdog)
+    metadata = checkpoint_metadata.build(config, run.dataset, run.log_noise_probs)  # saved with every checkpoint
 
     with _Preemption() as preemption, watchdog:
         for step in range(run.start_step + 1, total + 1):
@@ -554,7 +596,7 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
                 _log_train_metrics(run, history, step=step, progress=progress)
                 history = []
                 if save_now:
-                    checkpointing.save(run.manager, step, run.state)
+                    checkpointing.save(run.manager, step, run.state, checkpoint_metadata.for_step(metadata, step))
                     run.last_saved = step
                 if preempted and not is_last:
                     run.manager.wait_until_finished()
@@ -577,6 +619,10 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
         calibration, calibrated_sums = calibrated
         summary.update(calibration)
         _print_eval(run, summary["step"], calibration)
+    if run.is_chief and run.last_saved == summary["step"]:  # the final checkpoint's metadata, now with t*
+        t_star = summary.get("temperature")
+        checkpoint_metadata.write(run.ckpt_dir, summary["step"],
+                                  checkpoint_metadata.for_step(metadata, summary["step"], t_star=t_star))
     _write_results(run, summary, sums, calibrated_sums)
     run.writer.flush()
     return summary

@@ -35,3 +35,19 @@ def cli_env():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     return env
+
+
+@pytest.fixture
+def register_for_test():
+    """``register_for_test(registry, name, obj)``: ``registry.register(name, obj)``, undone after the test
+    (``registry`` is e.g. ``softnce.data.DATASETS`` or ``softnce.models.MODELS``)."""
+    added = []
+
+    def register(registry, name, obj):
+        registry.register(name, obj)
+        added.append((registry, name))
+        return obj
+
+    yield register
+    for registry, name in reversed(added):
+        registry.unregister(name)

@@ -12,17 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from softnce import losses
 from softnce.losses import (
-    LOSSES,
     LossInputs,
-    get_loss,
     infonce,
     log_class_prior,
     nll,
-    register_loss,
     sample_hard_labels,
     soft_distribution_infonce,
     soft_target_cross_entropy,
@@ -101,7 +99,9 @@ def value_and_grad(loss_fn, logits, jit=False):
 @pytest.mark.parametrize("jit", [False, True])
 def test_sti_matches_numpy_broadcast_reference(batch, jit):
     logits, targets, log_eta, _ = batch
-    fn = lambda z: soft_target_infonce(z, targets, log_noise_probs=log_eta, temperature=TEMPERATURE)
+    def fn(z):
+        return soft_target_infonce(z, targets, log_noise_probs=log_eta, temperature=TEMPERATURE)
+
     loss, grad = value_and_grad(fn, logits, jit=jit)
     ref_loss, ref_grad = np_sti(logits, targets, log_eta, TEMPERATURE)
     assert loss.shape == (N,) and loss.dtype == np.float32
@@ -121,7 +121,9 @@ def test_sti_gradient_formula_property_7(batch):
 
 def test_infonce_equals_one_hot_sti_and_reference(batch):
     logits, _, log_eta, labels = batch
-    fn = lambda z: infonce(z, labels, log_noise_probs=log_eta, temperature=TEMPERATURE)
+    def fn(z):
+        return infonce(z, labels, log_noise_probs=log_eta, temperature=TEMPERATURE)
+
     loss, grad = value_and_grad(fn, logits)
     ref_loss, ref_grad = np_sti(logits, one_hot(labels, C), log_eta, TEMPERATURE)
     np.testing.assert_allclose(loss, ref_loss, **TOL)
@@ -143,6 +145,11 @@ def test_soft_cross_entropy_and_nll_match_reference(batch):
 
     loss, grad = value_and_grad(lambda z: nll(z, labels), logits)
     ref_loss, ref_grad = np_soft_ce(logits, one_hot(labels, C), 1.0)
+    np.testing.assert_allclose(loss, ref_loss, **TOL)
+    np.testing.assert_allclose(grad, ref_grad, **TOL)
+
+    loss, grad = value_and_grad(lambda z: nll(z, labels, temperature=TEMPERATURE), logits)
+    ref_loss, ref_grad = np_soft_ce(logits, one_hot(labels, C), TEMPERATURE)
     np.testing.assert_allclose(loss, ref_loss, **TOL)
     np.testing.assert_allclose(grad, ref_grad, **TOL)
 
@@ -296,7 +303,9 @@ def test_data_parallel_equals_single_device(global_batch, name, mapping):
         per_example = jax.jit(mapped)(logits, targets, labels)
         loss, grad = jax.jit(jax.value_and_grad(lambda z: mapped(z, targets, labels).sum()))(logits)
     else:
-        split = lambda x: x.reshape(DEVICES, PER_DEVICE, *x.shape[1:])
+        def split(x):
+            return x.reshape(DEVICES, PER_DEVICE, *x.shape[1:])
+
         mapped = jax.pmap(
             lambda z, a, y: jax.value_and_grad(lambda zz: per_device(zz, a, y).sum())(z)
             + (per_device(z, a, y),),
@@ -371,27 +380,69 @@ def test_every_registered_loss_returns_per_example_losses(batch):
         log_noise_probs=log_eta,
         temperature=TEMPERATURE,
     )
-    assert {"nll", "soft_target_cross_entropy", "infonce", "soft_target_infonce"} <= set(LOSSES)
-    for name in sorted(LOSSES):
-        out = get_loss(name).fn(jnp.asarray(logits), inputs)
+    assert {"nll", "soft_target_cross_entropy", "infonce", "soft_target_infonce"} <= set(losses.LOSSES)
+    for name in sorted(losses.LOSSES):
+        out = losses.get_loss(name).fn(jnp.asarray(logits), inputs)
         assert out.shape == (N,), name
         assert np.isfinite(out).all(), name
     # The registered entries compute the library functions with the inputs' options.
     np.testing.assert_allclose(
-        get_loss("soft_target_infonce").fn(logits, inputs),
+        losses.get_loss("soft_target_infonce").fn(logits, inputs),
         np_sti(logits, targets, log_eta, TEMPERATURE)[0],
         **TOL,
     )
     np.testing.assert_allclose(
-        get_loss("nll").fn(logits, inputs), np_soft_ce(logits, one_hot(labels, C), TEMPERATURE)[0], **TOL
+        losses.get_loss("nll").fn(logits, inputs), np_soft_ce(logits, one_hot(labels, C), TEMPERATURE)[0], **TOL
     )
-    assert get_loss("soft_target_infonce").uses_noise_prior and not get_loss("nll").uses_noise_prior
+    assert losses.get_loss("soft_target_infonce").uses_noise_prior and not losses.get_loss("nll").uses_noise_prior
+
+
+def test_registered_losses_call_their_public_functions(batch):
+    """Each registry entry is an adapter: bit for bit the public function with the inputs' options."""
+    logits, targets, log_eta, labels = batch
+    logits, targets, labels = jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(labels)
+    rng = jax.random.key(3)
+    inputs = LossInputs(targets=targets, labels=labels, rng=rng, log_noise_probs=log_eta, temperature=TEMPERATURE)
+    options = dict(log_noise_probs=log_eta, temperature=TEMPERATURE)
+    public = {
+        "nll": nll(logits, labels, temperature=TEMPERATURE),
+        "soft_target_cross_entropy": soft_target_cross_entropy(logits, targets, temperature=TEMPERATURE),
+        "infonce": infonce(logits, labels, **options),
+        "soft_target_infonce": soft_target_infonce(logits, targets, **options),
+        "soft_target_infonce_blockwise": losses.blockwise_soft_target_infonce(logits, targets, **options),
+        "soft_distribution_infonce": soft_distribution_infonce(logits, targets, rng, **options),
+        "soft_distribution_infonce_premix": infonce(logits, labels, **options),
+    }
+    for name, expected in public.items():
+        np.testing.assert_array_equal(losses.get_loss(name).fn(logits, inputs), expected, err_msg=name)
+
+
+def test_registered_soft_distribution_infonce_keeps_the_per_device_key():
+    """Inside the trainer ``inputs.rng`` already differs per device: the registered loss samples with
+    it as it is (``rng_per_device=True``), not folded once more with the device index."""
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    m = DEVICES * PER_DEVICE
+    logits = jax.random.normal(jax.random.key(5), (m, C))
+    targets = jax.nn.softmax(jax.random.normal(jax.random.key(6), (m, C)))
+    rng = jax.random.key(7)
+
+    def per_device(z, a):
+        inputs = LossInputs(targets=a, labels=jnp.zeros(a.shape[0], jnp.int32), rng=rng, axis_name="data")
+        registered = losses.get_loss("soft_distribution_infonce").fn(z, inputs)
+        by_hand = infonce(z, sample_hard_labels(rng, a), axis_name="data")
+        folded = soft_distribution_infonce(z, a, rng, axis_name="data")
+        return registered, by_hand, folded
+
+    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+    registered, by_hand, folded = jax.jit(mapped)(logits, targets)
+    np.testing.assert_array_equal(registered, by_hand)
+    assert not np.allclose(registered, folded)
 
 
 def test_unknown_loss_lists_valid_names():
     with pytest.raises(ValueError, match="unknown loss 'no_such_loss'") as err:
-        get_loss("no_such_loss")
-    for name in LOSSES:
+        losses.get_loss("no_such_loss")
+    for name in losses.LOSSES:
         assert name in str(err.value)
 
 
@@ -400,20 +451,23 @@ def test_user_defined_loss_registers_and_runs(batch):
     name = "test_only_squared_error"
     try:
 
-        @register_loss(name)
+        @losses.register_loss(name)
         def squared_error(z, inputs: LossInputs):
             return ((jax.nn.softmax(z) - inputs.targets) ** 2).sum(axis=-1)
 
-        spec = get_loss(name)
+        spec = losses.get_loss(name)
         assert spec.fn is squared_error and not spec.uses_noise_prior
         out = spec.fn(logits, LossInputs(targets=targets, labels=labels, rng=jax.random.key(0)))
         expected = ((_np_softmax(logits.astype(np.float64)) - targets) ** 2).sum(axis=1)
         np.testing.assert_allclose(out, expected, **TOL)
         with pytest.raises(ValueError, match="already registered"):
-            register_loss(name)(squared_error)
+            losses.register_loss(name)(squared_error)
+        losses.register_loss(name, squared_error, overwrite=True)
+        assert losses.get_loss(name).fn is squared_error
     finally:
-        LOSSES.pop(name, None)
-    assert name not in LOSSES
+        if name in losses.LOSSES:
+            losses.LOSSES.unregister(name)
+    assert name not in losses.LOSSES
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,8 +50,11 @@ def test_layer_decay_scales_updates_by_depth():
     model = vit.vit_tiny(10)  # depth 2: layers 0 (embeddings), 1, 2 (blocks), 3 (head, fc_norm)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
     config = optim_config(layer_decay=0.5, weight_decay=0.0, warmup_steps=0)
-    with_decay, _ = optim.make_optimizer(config, params, global_batch=256, total_steps=10, layer_id=vit.layer_id, depth=2)
-    plain, _ = optim.make_optimizer(optim_config(weight_decay=0.0, warmup_steps=0), params, global_batch=256, total_steps=10)
+    layers = optim.layer_structure(model)
+    assert layers == optim.LayerStructure(layer_id=vit.layer_id, depth=2)
+    with_decay, _ = optim.make_optimizer(config, params, global_batch=256, total_steps=10, layers=layers)
+    plain_config = optim_config(weight_decay=0.0, warmup_steps=0)
+    plain, _ = optim.make_optimizer(plain_config, params, global_batch=256, total_steps=10)
     grads = jax.tree.map(jnp.ones_like, params)
     a, _ = with_decay.update(grads, with_decay.init(params), params)
     b, _ = plain.update(grads, plain.init(params), params)
@@ -60,6 +63,14 @@ def test_layer_decay_scales_updates_by_depth():
     assert ratio["encoderblock_1"]["mlp"]["fc1"]["kernel"] == pytest.approx(0.5)
     assert ratio["encoderblock_0"]["mlp"]["fc1"]["kernel"] == pytest.approx(0.25)
     assert ratio["pos_embedding"] == pytest.approx(0.125)
+
+
+def test_only_models_that_declare_layers_have_a_layer_structure():
+    from softnce.models.mlp import MLP
+
+    assert optim.layer_structure(MLP(10)) is None
+    assert optim.layer_structure(vit.vit_b16(10)) == optim.LayerStructure(vit.layer_id, 12)
+    assert isinstance(vit.vit_tiny(10), optim.HasLayerStructure)
 
 
 def test_layer_decay_without_layers_is_an_error():

@@ -4,7 +4,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -178,6 +177,7 @@ def test_structured_equals_dense_in_every_mode_and_jits():
 
 
 def test_mixup_on_vectors_and_config_from_configdict():
+    ml_collections = pytest.importorskip("ml_collections")  # the trainer's configs (softnce[train])
     x, y = jax.random.normal(jax.random.key(0), (6, 3)), jnp.array([0, 1, 2, 0, 1, 2])
     cd = ml_collections.ConfigDict(dict(mixup_alpha=0.8, label_smoothing=0.1, mode="elem", unrelated=3))
     cfg = T.MixConfig.from_config(cd)

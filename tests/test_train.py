@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +13,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from softnce import losses, train
+from softnce.configs import digits as digits_config
 from softnce.data import DATASETS
 from softnce.data.arrays import ArrayDataset
 from softnce.data.digits import load_digits_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from softnce.configs import digits as digits_config
 
 
 def small_config(**overrides):
@@ -43,7 +42,9 @@ def latest_params(workdir):
 
 def run_cli(args, devices, workdir, env, **popen):
     cmd = [sys.executable, "-m", "softnce.main", *args, f"--num_cpu_devices={devices}", f"--workdir={workdir}"]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
 
 
 def test_entry_point_same_result_on_1_and_8_devices(tmp_path, cli_env):
@@ -69,7 +70,8 @@ def test_entry_point_same_result_on_1_and_8_devices(tmp_path, cli_env):
     # Float summation order differs between 1 and 8 devices; Adam's g / sqrt(v) magnifies that on
     # weights whose gradients are ~0 (always-blank pixels), so compare to a fraction of one step (lr 1e-3).
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=3e-4), p1, p8)
-    frac_equal = np.mean([np.mean(np.isclose(a, b, rtol=1e-4, atol=1e-6)) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8))])
+    pairs = zip(jax.tree.leaves(p1), jax.tree.leaves(p8))
+    frac_equal = np.mean([np.mean(np.isclose(a, b, rtol=1e-4, atol=1e-6)) for a, b in pairs])
     assert frac_equal > 0.99
     for name in ("config.json", "reliability.png"):
         assert (tmp_path / "dev8" / name).exists()
@@ -123,7 +125,8 @@ class _NaNAfter(ArrayDataset):
     bad_step = 7
 
     def train_batches(self, batch_size, *, seed, start_step=0):
-        for step, batch in enumerate(super().train_batches(batch_size, seed=seed, start_step=start_step), start_step + 1):
+        batches = super().train_batches(batch_size, seed=seed, start_step=start_step)
+        for step, batch in enumerate(batches, start_step + 1):
             if step >= self.bad_step:
                 batch = dict(batch, inputs=np.full_like(batch["inputs"], np.nan))
             yield batch
@@ -134,8 +137,8 @@ def make_nan_dataset(config, *, process_index, process_count):
     return _NaNAfter(x, y, xt, yt, num_classes=10, process_index=process_index, process_count=process_count)
 
 
-def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setitem(DATASETS, "nan_digits", f"{__name__}:make_nan_dataset")
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, register_for_test):
+    register_for_test(DATASETS, "nan_digits", make_nan_dataset)
     config = small_config(**{"data.name": "nan_digits", "augment.mixup_alpha": 0.0, "augment.cutmix_alpha": 0.0})
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step 7; .*last good checkpoint \(step 4\)"):
         train.train_and_evaluate(config, str(tmp_path))
@@ -177,7 +180,7 @@ def test_a_new_loss_trains_without_touching_the_trainer(tmp_path):
     try:
         result = train.train_and_evaluate(small_config(**{"loss.name": "test_brier"}), str(tmp_path))
     finally:
-        del losses.LOSSES["test_brier"]
+        losses.LOSSES.unregister("test_brier")
     assert calls and calls[0] == (8, 10)  # per device: 64 examples over 8 devices
     assert np.isfinite(result["nll"]) and result["top1"] > 0.3
 
@@ -185,9 +188,10 @@ def test_a_new_loss_trains_without_touching_the_trainer(tmp_path):
 def test_device_input_transform_gets_the_same_per_example_keys_on_1_and_8_devices():
     """A dataset's device_train_transform (here: per-example Gaussian noise) sees one key per example
     that depends on the example's global index, not on the device that holds it."""
-    from flax.training import train_state
     import functools
+
     import optax
+    from flax.training import train_state
 
     from softnce import distributed, models, targets
 
@@ -201,7 +205,8 @@ def test_device_input_transform_gets_the_same_per_example_keys_on_1_and_8_device
     params = jax.device_get(model.init(jax.random.PRNGKey(0), batch["inputs"][:1], train=False)["params"])
 
     def new_state():
-        return train_state.TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.array, params), tx=optax.sgd(0.1))
+        fresh = jax.tree.map(jnp.array, params)
+        return train_state.TrainState.create(apply_fn=model.apply, params=fresh, tx=optax.sgd(0.1))
 
     kwargs = dict(loss_fn=losses.get_loss("nll").fn, num_classes=10, mix_config=targets.MixConfig(), temperature=1.0)
     key = jax.random.PRNGKey(3)
@@ -229,7 +234,8 @@ def test_temperature_is_fitted_on_validation_only_and_test_metrics_reported_at_i
     config = small_config()
     result = train.train_and_evaluate(config, str(tmp_path))
     metrics = json.load(open(tmp_path / "metrics.json"))
-    assert {"temperature", "nll_calibrated", "ece_calibrated"} <= set(metrics) and metrics["temperature"] == result["temperature"]
+    assert {"temperature", "nll_calibrated", "ece_calibrated"} <= set(metrics)
+    assert metrics["temperature"] == result["temperature"]
     calibrated_sums = json.load(open(tmp_path / "eval_sums_calibrated.json"))
     assert evaluation.summarize(calibrated_sums)["nll"] == pytest.approx(metrics["nll_calibrated"], rel=1e-9)
 
@@ -265,10 +271,10 @@ def make_noisy_digits_dataset(config, *, process_index, process_count):
     return dataset
 
 
-def test_resume_is_exact_with_a_device_input_transform(tmp_path, monkeypatch):
+def test_resume_is_exact_with_a_device_input_transform(tmp_path, register_for_test):
     """The per-example keys of a device_train_transform follow the restored step: stop + resume
     ends with the parameters of an uninterrupted run."""
-    monkeypatch.setitem(DATASETS, "noisy_digits", f"{__name__}:make_noisy_digits_dataset")
+    register_for_test(DATASETS, "noisy_digits", make_noisy_digits_dataset)
     config = small_config(**{"data.name": "noisy_digits"})
     train.train_and_evaluate(config, str(tmp_path / "straight"))
     assert train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=6) == {"preempted_at_step": 6}

@@ -1,29 +1,41 @@
-"""Dataset registry: ``config.data.name`` -> a :class:`~softnce.data.base.Dataset` for this process."""
+"""Dataset registry: ``config.data.name`` -> a :class:`~softnce.data.base.Dataset` for this process.
+
+A dataset is registered as a factory ``factory(config.data, *, process_index, process_count) ->
+Dataset``; a user's module adds one with ``register_dataset(name, factory, *, overwrite=False)`` or
+``@register_dataset(name)`` (:meth:`softnce.registry.Registry.register` of :data:`DATASETS`) and is
+imported with ``python -m softnce.main --import_modules=...``. The package's own entries are
+:func:`softnce.registry.lazy`, so a dataset's module (TensorFlow for the image datasets) is imported
+only when that dataset is built.
+"""
 
 from __future__ import annotations
 
-import importlib
+from softnce import _extras
+
+if _extras.MISSING_TRAIN:
+    raise _extras.missing_extra("train", __name__)
+
+from typing import Callable
 
 import ml_collections
 
 from softnce.data.base import Dataset
+from softnce.registry import Registry, lazy
 
-# name -> "module:factory"; factories take (config.data, *, process_index, process_count).
-DATASETS = {
-    "digits": "softnce.data.digits:make_digits_dataset",
-    "fashion_mnist": "softnce.data.fashion_mnist:make_fashion_mnist_dataset",
-    "toy": "softnce.data.toy:make_toy_dataset",
-    "imagenet2012": "softnce.data.images:make_image_dataset",
-    "cifar100": "softnce.data.images:make_image_dataset",
-    "tiny_imagenet": "softnce.data.images:make_image_dataset",
-}
+DatasetFactory = Callable[..., Dataset]
+"""``factory(config: ConfigDict, *, process_index: int, process_count: int) -> Dataset``."""
+
+DATASETS: Registry[DatasetFactory] = Registry("dataset")
+register_dataset = DATASETS.register
+
+register_dataset("digits", lazy("softnce.data.digits:make_digits_dataset"))
+register_dataset("fashion_mnist", lazy("softnce.data.fashion_mnist:make_fashion_mnist_dataset"))
+register_dataset("toy", lazy("softnce.data.toy:make_toy_dataset"))
+for _name in ("imagenet2012", "cifar100", "tiny_imagenet"):
+    register_dataset(_name, lazy("softnce.data.images:make_image_dataset"))
+del _name
 
 
 def get_dataset(config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1) -> Dataset:
     """Builds the dataset named ``config.name``; an unknown name lists the valid ones."""
-    if config.name not in DATASETS:
-        raise ValueError(f"unknown dataset {config.name!r}; valid datasets: {', '.join(sorted(DATASETS))}.")
-    module, factory = DATASETS[config.name].split(":")
-    return getattr(importlib.import_module(module), factory)(
-        config, process_index=process_index, process_count=process_count
-    )
+    return DATASETS.get(config.name)(config, process_index=process_index, process_count=process_count)

@@ -31,6 +31,9 @@ class Dataset(abc.ABC):
     PRNG key per example, derived from the run key, the step and the example's index in the
     global batch) and ``device_eval_transform(inputs)`` run inside the jitted, sharded steps on the
     inputs as the host shipped them (e.g. uint8 crops). ``None`` (the default): inputs are final.
+
+    ``input_dtype`` is the dtype of those shipped inputs and ``class_names`` the name of each class
+    (``None``: ``"0"`` .. ``"C-1"``); both are saved with every checkpoint for inference.
     """
 
     num_classes: int
@@ -40,6 +43,10 @@ class Dataset(abc.ABC):
     num_validation_examples: int = 0
     device_train_transform: Optional[DeviceTrainTransform] = None
     device_eval_transform: Optional[DeviceEvalTransform] = None
+    # What a trained model is given (saved with each checkpoint, softnce.checkpoint_metadata): the
+    # dtype of the ``inputs`` that eval_batches yields, and one name per class (None: "0".."C-1").
+    input_dtype: str = "float32"
+    class_names: Optional[tuple[str, ...]] = None
 
     @abc.abstractmethod
     def train_label_counts(self) -> np.ndarray:

@@ -54,6 +54,9 @@ except RuntimeError:
 NAME = "fashion_mnist"
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
 NUM_CLASSES = 10
+# tfds's label names (``builder.info.features['label'].names``), saved with every checkpoint.
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot")
 IMAGE_SIZE = 28
 # Mean and standard deviation of the 60,000 training pixels scaled to [0, 1].
 MEAN, STD = 0.2860, 0.3530
@@ -303,11 +306,13 @@ def make_fashion_mnist_dataset(config: ml_collections.ConfigDict, *, process_ind
     x_train, y_train, x_val, y_val = carve_validation(
         x_train, y_train, config.get("validation_fraction", 0.0), config.get("validation_seed", 0)
     )
-    return ArrayDataset(
+    dataset = ArrayDataset(
         normalize(x_train), y_train, normalize(x_test), y_test, num_classes=NUM_CLASSES,
         validation=(normalize(x_val), y_val) if len(y_val) else None,
         process_index=process_index, process_count=process_count,
     )
+    dataset.class_names = CLASS_NAMES
+    return dataset
 
 
 def main(argv: list[str] | None = None) -> None:

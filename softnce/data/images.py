@@ -198,6 +198,8 @@ class ImageDataset(Dataset):
             mean=spec.mean, std=spec.std, rand_augment=rand_augment,
             erasing_prob=float(config.random_erasing_prob))
         self.device_eval_transform = device_augment.EvalTransform(mean=spec.mean, std=spec.std)
+        self.input_dtype = "uint8"  # eval batches are uint8 centre crops, normalised on the device
+        self.class_names = _class_names(builder)
         self.num_shards, self.shards = train_shards(config.num_shards, process_index=process_index,
                                                     process_count=process_count)
 
@@ -377,6 +379,15 @@ class ImageDataset(Dataset):
         if self.config.host_threads is not None:
             options.threading.private_threadpool_size = int(self.config.host_threads)
         return options
+
+
+def _class_names(builder: tfds.core.DatasetBuilder) -> tuple[str, ...] | None:
+    """The label names of the builder's ``label`` feature (e.g. ImageNet's synset ids), if it has them."""
+    try:
+        names = builder.info.features["label"].names
+    except (KeyError, AttributeError, TypeError):
+        return None
+    return tuple(str(name) for name in names) if names else None
 
 
 def _deterministic_options() -> tf.data.Options:

@@ -10,3 +10,8 @@
 * ``bench_*``, :mod:`~softnce.experiments.gpu_benchmark`, :mod:`~softnce.experiments.stress_devices`: speed,
   memory and reliability measurements (``BENCHMARKS.md``).
 """
+
+from softnce import _extras
+
+if _extras.MISSING_TRAIN:
+    raise _extras.missing_extra("train", __name__)

@@ -1,48 +1,49 @@
 """Model registry: ``config.model.name`` -> a Flax module built from the other ``config.model`` fields.
 
-Every model maps ``inputs [B, ...] -> logits [B, num_classes]`` and takes ``train: bool``.
+Every model maps ``inputs [B, ...] -> logits [B, num_classes]`` and takes ``train: bool``. A model is
+registered as a factory ``factory(num_classes, **fields) -> nn.Module``; a user's module adds one
+with ``register_model(name, factory, *, overwrite=False)`` or ``@register_model(name)``
+(:meth:`softnce.registry.Registry.register` of :data:`MODELS`) and is imported with
+``python -m softnce.main --import_modules=...``. A model
+that supports layer-wise learning-rate decay says so with a ``layer_structure()`` method
+(:class:`softnce.optim.LayerStructure`).
 """
 
 from __future__ import annotations
+
+from softnce import _extras
+
+if _extras.MISSING_TRAIN:
+    raise _extras.missing_extra("train", __name__)
+
+from typing import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from softnce.registry import Registry, lazy
 
-def _mlp(num_classes: int, **kwargs) -> nn.Module:
-    from softnce.models.mlp import MLP
+ModelFactory = Callable[..., nn.Module]
+"""``factory(num_classes: int, **config_fields) -> nn.Module``."""
 
-    return MLP(num_classes=num_classes, **kwargs)
+MODELS: Registry[ModelFactory] = Registry("model")
+register_model = MODELS.register
 
-
-def _small_cnn(num_classes: int, **kwargs) -> nn.Module:
-    from softnce.models.cnn import SmallCNN
-
-    return SmallCNN(num_classes=num_classes, **kwargs)
-
-
-def _vit(variant: str):
-    def build(num_classes: int, **kwargs) -> nn.Module:
-        from softnce.models import vit
-
-        return getattr(vit, variant)(num_classes, **kwargs)
-
-    return build
-
-
-MODELS = {"mlp": _mlp, "small_cnn": _small_cnn, "vit_b16": _vit("vit_b16"), "vit_tiny": _vit("vit_tiny")}
+register_model("mlp", lazy("softnce.models.mlp:MLP"))
+register_model("small_cnn", lazy("softnce.models.cnn:SmallCNN"))
+register_model("vit_b16", lazy("softnce.models.vit:vit_b16"))
+register_model("vit_tiny", lazy("softnce.models.vit:vit_tiny"))
 
 
 def get_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     """Builds ``config.name`` with the remaining fields of ``config`` as keyword arguments.
 
-    A ``dtype`` given as a string (``'bfloat16'``) is turned into a dtype.
+    A ``dtype`` given as a string (``'bfloat16'``) is turned into a dtype; an unknown name lists the
+    valid ones.
     """
     kwargs = dict(config)
-    name = kwargs.pop("name")
+    factory = MODELS.get(kwargs.pop("name"))
     if isinstance(kwargs.get("dtype"), str):
         kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}.")
-    return MODELS[name](num_classes, **kwargs)
+    return factory(num_classes, **kwargs)

@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softnce.optim import LayerStructure
+
 Dtype = Any
 
 LAYER_NORM_EPS = 1e-6
@@ -190,6 +192,10 @@ class VisionTransformer(nn.Module):
                 f"VisionTransformer: image size {height}x{width} is not divisible by patch_size="
                 f"{self.patch_size}; resize or crop the images."
             )
+
+    def layer_structure(self) -> LayerStructure:
+        """:func:`layer_id` and ``depth``, for layer-wise lr decay (:class:`softnce.optim.HasLayerStructure`)."""
+        return LayerStructure(layer_id=layer_id, depth=self.depth)
 
     def block_drop_path_rates(self) -> list[float]:
         """``drop_path_rate * l / (depth - 1)`` for ``l = 0..depth-1`` (``torch.linspace``)."""

@@ -1,0 +1,62 @@
+"""The light core: ``softnce.losses`` and ``softnce.targets`` import without the ``train`` extra, and every
+other module, in an installation without it, fails at once with one line that names the extra."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+HEAVY = ("tensorflow", "tensorflow_datasets", "flax", "orbax", "matplotlib", "sklearn", "ml_collections", "clu")
+
+# A finder that makes the train extra's packages look uninstalled in a fresh interpreter.
+HIDE_TRAIN = textwrap.dedent("""
+    import importlib.abc, sys
+    HIDDEN = ("flax", "orbax", "tensorflow", "tensorflow_datasets", "ml_collections", "clu", "matplotlib", "sklearn")
+
+    class Hide(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in HIDDEN:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Hide())
+""")
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_core_modules_import_nothing_heavy():
+    proc = _python(textwrap.dedent(f"""
+        import sys
+        import softnce, softnce.losses, softnce.targets
+        loaded = sorted(m for m in {HEAVY!r} if m in sys.modules)
+        assert not loaded, loaded
+        print(softnce.losses.soft_target_infonce.__name__)
+    """))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "soft_target_infonce"
+
+
+def test_core_works_with_the_train_extra_hidden():
+    proc = _python(HIDE_TRAIN + textwrap.dedent("""
+        import jax.numpy as jnp
+        from softnce import losses, targets
+        t = targets.mix_batch(__import__("jax").random.key(0), jnp.zeros((4, 3)), jnp.array([0, 1, 2, 1]),
+                              num_classes=3, config=targets.MixConfig(label_smoothing=0.1))[1]
+        print(float(losses.soft_target_infonce(jnp.zeros((4, 3)), t.dense).mean()))
+    """))
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) == pytest.approx(__import__("math").log(4), rel=1e-5)
+
+
+@pytest.mark.parametrize("module", ["softnce.train", "softnce.main", "softnce.data", "softnce.models",
+                                    "softnce.evaluation", "softnce.checkpointing", "softnce.experiments.toy"])
+def test_a_module_of_the_train_extra_names_the_extra(module):
+    proc = _python(HIDE_TRAIN + f"import {module}")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: ") and 'pip install "softnce[train]"' in last, proc.stderr
+    assert "flax" in last

@@ -1,0 +1,55 @@
+"""A user's module outside the package: registers its own model and dataset (tests/test_registry.py).
+
+It is what ``python -m softnce.main --import_modules=user_registrations`` would import: importing it
+makes ``config.model.name = 'user_linear'`` and ``config.data.name = 'user_blobs'`` valid.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import numpy as np
+
+from softnce.data import register_dataset
+from softnce.data.arrays import ArrayDataset, carve_validation
+from softnce.models import register_model
+
+NUM_CLASSES = 4
+FEATURES = 8
+CALLS: list[tuple[str, dict]] = []  # (factory, its arguments), to show the trainer built these
+
+
+class LinearClassifier(nn.Module):
+    """``x [B, ...] -> x W + b`` ``[B, num_classes]``."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        del train
+        return nn.Dense(self.num_classes, name="head")(x.reshape(x.shape[0], -1))
+
+
+@register_model("user_linear")
+def user_linear(num_classes: int, **fields) -> nn.Module:
+    CALLS.append(("user_linear", dict(fields, num_classes=num_classes)))
+    return LinearClassifier(num_classes=num_classes)
+
+
+def blobs(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` points of ``NUM_CLASSES`` well-separated Gaussian blobs in ``FEATURES`` dimensions."""
+    labels = rng.integers(0, NUM_CLASSES, n)
+    means = 3.0 * np.eye(NUM_CLASSES, FEATURES)
+    return means[labels] + rng.normal(size=(n, FEATURES)), labels
+
+
+@register_dataset("user_blobs")
+def make_blobs_dataset(config, *, process_index: int, process_count: int) -> ArrayDataset:
+    CALLS.append(("user_blobs", dict(name=config.name, process_index=process_index, process_count=process_count)))
+    rng = np.random.default_rng(0)
+    x, y = blobs(rng, 640)
+    x_test, y_test = blobs(rng, 160)
+    x, y, x_val, y_val = carve_validation(x, y, config.validation_fraction, config.validation_seed)
+    return ArrayDataset(
+        x, y, x_test, y_test, num_classes=NUM_CLASSES, validation=(x_val, y_val),
+        process_index=process_index, process_count=process_count,
+    )
