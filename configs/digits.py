@@ -12,9 +12,9 @@ the measured 5-seed table from ``experiments/digits_comparison.py``).
 """
 
 import ml_collections
-from softnce.configs import base
 
 from softnce import config_utils
+from softnce.configs import base
 
 
 def get_config(arg=None):

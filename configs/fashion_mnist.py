@@ -25,9 +25,9 @@ minutes per run on a 2-core CPU (see README/BENCHMARKS for the measured table fr
 """
 
 import ml_collections
-from softnce.configs import base
 
 from softnce import config_utils
+from softnce.configs import base
 
 
 def get_config(arg=None):

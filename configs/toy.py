@@ -18,9 +18,9 @@ accuracy 0.77 / 0.84); one run takes 20-30 s on a 2-core CPU, mostly start-up an
 """
 
 import ml_collections
-from softnce.configs import base
 
 from softnce import config_utils
+from softnce.configs import base
 
 
 def get_config(arg=None):

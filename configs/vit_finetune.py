@@ -29,9 +29,9 @@ ImageNet at 224 px take about 4% and 8% of that.
 """
 
 import ml_collections
-from softnce.configs import base
 
 from softnce import config_utils
+from softnce.configs import base
 
 SIZES = {  # (train, eval) examples
     "imagenet2012": (1_281_167, 50_000),

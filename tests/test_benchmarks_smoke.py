@@ -2,13 +2,12 @@
 
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from softnce.experiments import bench_scale, bench_train_step, gpu_benchmark
 from softnce import losses
+from softnce.experiments import bench_scale, bench_train_step, gpu_benchmark
 
 
 def _table_rows(text: str, first_cell: str) -> list[list[str]]:

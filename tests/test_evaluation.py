@@ -39,7 +39,9 @@ def test_metrics_match_hand_computed_values():
 
 def test_temperature_divides_the_logits():
     logits = jnp.log(PROBS) * 2.0
-    with_t = evaluation.summarize(evaluation.add_sums(None, evaluation.metric_sums(logits, LABELS, MASK, temperature=2.0)))
+    with_t = evaluation.summarize(
+        evaluation.add_sums(None, evaluation.metric_sums(logits, LABELS, MASK, temperature=2.0))
+    )
     assert with_t["ece"] == pytest.approx(ECE, rel=1e-5)
     assert with_t["nll"] == pytest.approx(NLL, rel=1e-5)
 

@@ -45,3 +45,13 @@ def test_script_command_line_answers(script):
     proc = subprocess.run([sys.executable, os.path.join("experiments", script), "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--out" in proc.stdout, proc.stderr
+
+
+def test_release_files_name_the_package_version():
+    import softnce
+
+    citation = open(os.path.join(REPO, "CITATION.cff")).read()
+    changelog = open(os.path.join(REPO, "CHANGELOG.md")).read()
+    assert f"\nversion: {softnce.__version__}\n" in citation
+    assert changelog.split("\n## ")[1].startswith(f"{softnce.__version__} ")  # the newest entry first
+    assert "Apache License" in open(os.path.join(REPO, "LICENSE")).read() and "license: Apache-2.0" in citation

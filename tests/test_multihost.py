@@ -13,14 +13,15 @@ import subprocess
 import sys
 
 import jax
+import mock_launch
 import numpy as np
 import pytest
 import tensorflow as tf
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-import mock_launch
 from softnce import checkpointing, train
 from softnce.configs import vit_finetune
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STEPS = 3
 NUM_EXAMPLES = 13  # per split; with eval batch 8 the last batch is padded

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from softnce.configs import toy as toy_config
 from softnce.data import get_dataset, toy
 from softnce.experiments import toy as te
 from softnce.experiments import toy_temperature as tts
 from softnce.experiments import vmapped
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --------------------------------------------------------------------------------------------------
 # The generator.
@@ -231,7 +231,8 @@ def test_config_runs_through_the_entry_point_and_matches_the_vmapped_trainer(tmp
         np.testing.assert_allclose(np.asarray(ours)[0], np.asarray(cli), rtol=0, atol=2e-5)
     init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
     initial = train.initial_params(config, models.get_model(config.model, 3), (2,), init_rng)
-    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(cli_params))]
+    pairs = zip(jax.tree.leaves(initial), jax.tree.leaves(cli_params))
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs]
     assert max(moved) > 1e-3
 
 
@@ -249,6 +250,7 @@ def test_batch_rows_are_epoch_permutations():
 # --------------------------------------------------------------------------------------------------
 # The temperature study (softnce/experiments/toy_temperature.py, docs/method.md "The toy finding").
 # --------------------------------------------------------------------------------------------------
+
 
 def test_population_scores_at_one_vote_are_the_log_posterior_ratio():
     # m = 1: the targets are the vertices with weights pi, and the optimum is known in closed form,
@@ -293,9 +295,19 @@ def test_reduced_temperature_study(tmp_path):
     # Trained: STI on one vote is calibrated (t* ~ 1), on the true posterior it is overconfident.
     # Predicted: the optimum is calibrated at m = 1 and needs t* > 1.6 at m = 10 (full study: 2.07).
     settings = tts.StudySettings(
-        seeds=2, annotators=(1, math.inf), cells=((64, 300),), num_train=1000, num_val=1000, num_test=1000,
-        population_annotators=(1, 10), population_inputs=20_000, population_queries=500,
-        finite_batches=(16,), finite_annotators=(10,), finite_queries=8, finite_replicates=8,
+        seeds=2,
+        annotators=(1, math.inf),
+        cells=((64, 300),),
+        num_train=1000,
+        num_val=1000,
+        num_test=1000,
+        population_annotators=(1, 10),
+        population_inputs=20_000,
+        population_queries=500,
+        finite_batches=(16,),
+        finite_annotators=(10,),
+        finite_queries=8,
+        finite_replicates=8,
     )
     result = tts.run_study(settings, str(tmp_path), log=lambda line: None)
     for name in ("metrics.json", "summary.md", "temperature_study.png"):

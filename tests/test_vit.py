@@ -11,8 +11,8 @@ import argparse
 import math
 import sys
 
-import jax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

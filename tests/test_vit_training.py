@@ -2,19 +2,19 @@
 init.pretrained > scratch) and the error for data that was never prepared."""
 
 import os
-import sys
 
 import jax
+import mock_launch
 import numpy as np
 import pytest
 from flax import traverse_util
+from test_vit import mae_state_dict  # a random MAE state dict of vit_tiny's shapes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-import mock_launch
 from softnce import checkpointing, models, train
 from softnce.configs import vit_finetune
 from softnce.models import mae_checkpoint
-from test_vit import mae_state_dict  # a random MAE state dict of vit_tiny's shapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NUM_EXAMPLES = 16
 SHAPE = (32, 32, 3)

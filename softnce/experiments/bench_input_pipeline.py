@@ -266,18 +266,25 @@ def main(argv=None) -> None:
     print("img/CPU-s: images per CPU-second of all the pipeline's threads (per-core cost, robust to other load);")
     print("img/s: wall-clock throughput.")
     print()
-    print("| transform | threads | softnce host img/CPU-s | timm img/CPU-s | ratio | softnce host img/s | timm img/s | ratio |")
+    print("| transform | threads | softnce host img/CPU-s | timm img/CPU-s | ratio | softnce host img/s "
+          "| timm img/s | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for name, threads, ours, theirs in rows:
-        print(f"| {name} | {threads} | {ours[1]:.0f} | {theirs[1]:.0f} | {ours[1] / theirs[1]:.2f} "
-              f"| {ours[0]:.0f} | {theirs[0]:.0f} | {ours[0] / theirs[0]:.2f} |")
+        print(
+            f"| {name} | {threads} | {ours[1]:.0f} | {theirs[1]:.0f} | {ours[1] / theirs[1]:.2f} "
+            f"| {ours[0]:.0f} | {theirs[0]:.0f} | {ours[0] / theirs[0]:.2f} |"
+        )
     print()
-    print(f"device half (flip, RandAugment, normalise, erasing; jitted, batch {args.device_batch}, "
-          f"{args.image_size} px) on this "
-          f"CPU: {device_wall:.2f} ms/image wall, {device_cpu:.2f} CPU-ms/image")
+    print(
+        f"device half (flip, RandAugment, normalise, erasing; jitted, batch {args.device_batch}, "
+        f"{args.image_size} px) on this "
+        f"CPU: {device_wall:.2f} ms/image wall, {device_cpu:.2f} CPU-ms/image"
+    )
     for threads, (wall, cpu) in end_to_end.items():
-        print(f"end to end: ImageDataset.train_batches(32) from tfds, host_threads={threads}: {wall:.0f} img/s "
-              f"({cpu:.0f} img/CPU-s)")
+        print(
+            f"end to end: ImageDataset.train_batches(32) from tfds, host_threads={threads}: {wall:.0f} img/s "
+            f"({cpu:.0f} img/CPU-s)"
+        )
     ours, theirs = rows[0][2][1], rows[0][3][1]
     print(f"train transform per core: softnce {ours:.0f} img/s, timm {theirs:.0f} img/s, ratio {ours / theirs:.2f}")
 

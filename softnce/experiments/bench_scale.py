@@ -250,7 +250,8 @@ def parse_args(argv=None):
     )
     parser.add_argument("--block-size", type=int, default=losses.BLOCKWISE_BLOCK_SIZE, help="blockwise STI block")
     parser.add_argument("--comm-devices", type=int, nargs="+", default=[8, 64, 256], help="devices (part 2)")
-    parser.add_argument("--comm-batches", type=int, nargs="+", default=None, help="M values of part 2 (default --batches)")
+    parser.add_argument("--comm-batches", type=int, nargs="+", default=None,
+                        help="M values of part 2 (default --batches)")
     parser.add_argument("--comm-only", action="store_true", help="print only the communication table")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: C = 10, M = 16")
     args = parser.parse_args(argv)

@@ -184,18 +184,28 @@ def run_grid(
     run_seconds = sum(r["wall_seconds"] for runs in results.values() for r in runs["metrics"])
     tables = metrics_table(results) + "\n\n" + paired_table(results)
     with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(tables + f"\n\n{len(losses)} losses x {seeds} seeds; sum of the run times {_format_seconds(run_seconds)}"
-                f" ({run_seconds:.0f} s); this invocation {_format_seconds(wall)} ({trained} runs trained).\n")
-    _write_json(os.path.join(out, "results.json"),
-                {"results": results, "wall_seconds": wall, "run_seconds": run_seconds, "complete": True})
-    evaluation.plot_reliability_diagram(sums, os.path.join(out, "reliability.png"),
-                                        title=f"{title}, t = 1, {seeds} seeds pooled")
+        f.write(
+            tables + f"\n\n{len(losses)} losses x {seeds} seeds; sum of the run times {_format_seconds(run_seconds)}"
+            f" ({run_seconds:.0f} s); this invocation {_format_seconds(wall)} ({trained} runs trained).\n"
+        )
+    _write_json(
+        os.path.join(out, "results.json"),
+        {"results": results, "wall_seconds": wall, "run_seconds": run_seconds, "complete": True},
+    )
+    evaluation.plot_reliability_diagram(
+        sums, os.path.join(out, "reliability.png"), title=f"{title}, t = 1, {seeds} seeds pooled"
+    )
     if len(calibrated_sums) == len(losses):
-        evaluation.plot_reliability_diagram(calibrated_sums, os.path.join(out, "reliability_calibrated.png"),
-                                            title=f"{title}, at the fitted t*, {seeds} seeds pooled")
+        evaluation.plot_reliability_diagram(
+            calibrated_sums,
+            os.path.join(out, "reliability_calibrated.png"),
+            title=f"{title}, at the fitted t*, {seeds} seeds pooled",
+        )
     log(tables)
-    log(f"this invocation {_format_seconds(wall)}, sum of the run times {_format_seconds(run_seconds)}; "
-        f"wrote {out}/table.md, results.json, reliability.png")
+    log(
+        f"this invocation {_format_seconds(wall)}, sum of the run times {_format_seconds(run_seconds)}; "
+        f"wrote {out}/table.md, results.json, reliability.png"
+    )
     return {"results": results, "wall_seconds": wall, "run_seconds": run_seconds, "tables": tables}
 
 
@@ -237,14 +247,25 @@ COMPARISONS = {  # name -> (config module of softnce.configs, default steps (Non
 
 def parse_args(name: str, argv=None) -> argparse.Namespace:
     _, default_steps, _ = COMPARISONS[name]
-    parser = argparse.ArgumentParser(description=f"The losses on {name} over several seeds (softnce.experiments.comparison).")
+    parser = argparse.ArgumentParser(
+        description=f"The losses on {name} over several seeds (softnce.experiments.comparison)."
+    )
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds per loss")
-    parser.add_argument("--steps", type=int, default=default_steps, help="training steps per run (default: %(default)s)")
+    parser.add_argument(
+        "--steps", type=int, default=default_steps, help="training steps per run (default: %(default)s)"
+    )
     parser.add_argument("--losses", default=",".join(LOSSES), help="comma-separated registered loss names")
-    parser.add_argument("--data_dir", default=None, help="tfds data directory (tfds datasets; default ~/tensorflow_datasets)")
+    parser.add_argument(
+        "--data_dir", default=None, help="tfds data directory (tfds datasets; default ~/tensorflow_datasets)"
+    )
     parser.add_argument("--out", default=f"runs/{name}_comparison", help="output folder")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a config field, e.g. --set data.batch_size=64 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a config field, e.g. --set data.batch_size=64 (repeatable)",
+    )
     return parser.parse_args(argv)
 
 

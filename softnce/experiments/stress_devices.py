@@ -59,9 +59,13 @@ def main(argv=None) -> None:
         done = i + 1
         eta = (time.time() - t0) / done * (args.runs - done)
         status = "ok" if ok else f"FAILED: {reason}"
-        print(f"run {done}/{args.runs}: {status} ({seconds:.1f} s) | failed so far {failed} | ETA {eta:.0f} s", flush=True)
-    print(f"median run {sorted(times)[len(times) // 2]:.1f} s, total {time.time() - t0:.0f} s, "
-          f"python {sys.version.split()[0]}, jax {__import__('jax').__version__}")
+        print(
+            f"run {done}/{args.runs}: {status} ({seconds:.1f} s) | failed so far {failed} | ETA {eta:.0f} s", flush=True
+        )
+    print(
+        f"median run {sorted(times)[len(times) // 2]:.1f} s, total {time.time() - t0:.0f} s, "
+        f"python {sys.version.split()[0]}, jax {__import__('jax').__version__}"
+    )
     print(f"runs: {args.runs}, failed: {failed}")
     sys.exit(1 if failed else 0)
 

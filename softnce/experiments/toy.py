@@ -91,7 +91,8 @@ class Settings:
 
 FULL = Settings()
 # Every method and both priors with fewer seeds, m and steps (about a third of the full run time).
-QUICK = Settings(seeds=2, annotators=(1, math.inf), steps=300, num_train=1000, num_val=1000, num_test=2000, grid_size=41)
+QUICK = Settings(seeds=2, annotators=(1, math.inf), steps=300, num_train=1000, num_val=1000, num_test=2000,
+                 grid_size=41)
 # The smallest run that exercises every step (the notebook under the test suite).
 TINY = Settings(seeds=1, annotators=(1, math.inf), priors=("imbalanced",), methods=("nll", "soft_target_infonce"),
                 steps=60, num_train=500, num_val=500, num_test=1000, grid_size=21)
@@ -107,7 +108,8 @@ def method_by_name(name: str) -> Method:
 
 def make_config(settings: Settings, method: Method, prior: str, m=10, seed: int = 0):
     """``configs/toy.py`` for one run, with the sizes of ``settings``."""
-    arg = f"prior={prior},annotators={toy.annotators_name(m)},loss={method.loss},noise_prior={method.noise_prior},seed={seed}"
+    arg = (f"prior={prior},annotators={toy.annotators_name(m)},loss={method.loss},"
+           f"noise_prior={method.noise_prior},seed={seed}")
     config = toy_config.get_config(arg + (f",steps={settings.steps}" if settings.steps else ""))
     for field in ("num_train", "num_val", "num_test"):
         if getattr(settings, field):
@@ -231,7 +233,8 @@ def plot_posteriors(path: str, prior: str, true_probs: np.ndarray, learned: dict
     plt = plotting.pyplot()
     side = settings.grid_size
     rows, methods = list(learned), list(next(iter(learned.values())))
-    fig, axes = plt.subplots(len(rows), len(methods) + 1, figsize=(1.9 * (len(methods) + 1), 2.0 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(methods) + 1, figsize=(1.9 * (len(methods) + 1), 2.0 * len(rows)),
+                             squeeze=False)
     extent = [-settings.grid_limit, settings.grid_limit] * 2
     for r, m in enumerate(rows):
         panels = {"true p(y|x)": true_probs, **learned[m]}
@@ -239,7 +242,8 @@ def plot_posteriors(path: str, prior: str, true_probs: np.ndarray, learned: dict
             ax = axes[r][c]
             ax.imshow(probs.reshape(side, side, 3), extent=extent, interpolation="nearest")
             hard = c > 0 and method_by_name(name).hard_labels
-            label = name.replace("soft_target_", "ST-").replace("soft_distribution_", "SD-").replace("cross_entropy", "CE")
+            label = name.replace("soft_target_", "ST-").replace("soft_distribution_", "SD-")
+            label = label.replace("cross_entropy", "CE")
             ax.set_title(label + ("\n(1 vote)" if hard else f"\nm={m}" if c else ""), fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -326,7 +330,8 @@ def summary_markdown(summary: list[dict], references: dict, settings: Settings, 
             if s["prior"] != prior:
                 continue
             lines.append(
-                f"| {s['method']} | {s['m'] if s['m'] != 'hard' else '1 vote'} | {_cell(s['kl'])} | {_cell(s['kl_calibrated'])} | "
+                f"| {s['method']} | {s['m'] if s['m'] != 'hard' else '1 vote'} | {_cell(s['kl'])} | "
+                f"{_cell(s['kl_calibrated'])} | "
                 f"{_cell(s['temperature'], 2)} | {_cell(s['top1'], 3)} | {_cell(s['nll'], 3)} | {_cell(s['ece'], 3)} |"
             )
     return "\n".join(lines) + "\n"
@@ -347,7 +352,8 @@ def make_data(settings: Settings, prior: str, config) -> list[toy.ToyData]:
     ]
 
 
-def run_experiment(settings: Settings = FULL, out_dir: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+def run_experiment(settings: Settings = FULL, out_dir: Optional[str] = None,
+                   log: Callable[[str], None] = print) -> dict:
     """Trains and evaluates the whole grid; writes figures, ``metrics.json`` and ``summary.md`` to
     ``out_dir`` (default ``runs/toy-<timestamp>``) and returns the metrics dict (with ``out_dir``)."""
     t0 = time.time()
@@ -412,10 +418,12 @@ def run_experiment(settings: Settings = FULL, out_dir: Optional[str] = None, log
     for prior in settings.priors:
         true_probs = toy.true_posterior(grid, prior)
         files[f"posteriors_{prior}"] = os.path.basename(
-            plot_posteriors(os.path.join(out_dir, f"posteriors_{prior}.png"), prior, true_probs, learned[prior], settings))
+            plot_posteriors(os.path.join(out_dir, f"posteriors_{prior}.png"), prior, true_probs, learned[prior],
+                            settings))
         files[f"reliability_{prior}"] = os.path.basename(evaluation.plot_reliability_diagram(
             reliability[prior], os.path.join(out_dir, f"reliability_{prior}.png"),
-            title=f"toy, {prior} prior, t = 1, test set pooled over seeds (soft targets: m = {toy.annotators_name(annotators[-1])})"))
+            title=f"toy, {prior} prior, t = 1, test set pooled over seeds "
+                  f"(soft targets: m = {toy.annotators_name(annotators[-1])})"))
     plot_kl_vs_m(os.path.join(out_dir, files["kl_vs_m"]), summary, settings)
     result = {
         "settings": {**dataclasses.asdict(settings), "annotators": [toy.annotators_name(m) for m in annotators],
@@ -430,7 +438,8 @@ def run_experiment(settings: Settings = FULL, out_dir: Optional[str] = None, log
 
 def main(argv=None) -> None:
     settings, out = cli.parse_settings(
-        argv, description=__doc__.split("\n")[0], settings=SETTINGS, out_help="run folder (default runs/toy-<timestamp>)",
+        argv, description=__doc__.split("\n")[0], settings=SETTINGS,
+        out_help="run folder (default runs/toy-<timestamp>)",
         overrides={"seeds": dict(type=int, help="number of seeds (default: the setting's)")},
     )
     run_experiment(settings, out)

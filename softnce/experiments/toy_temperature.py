@@ -48,6 +48,7 @@ from softnce.experiments import cli, vmapped
 from softnce.experiments import toy as te
 
 INF = math.inf
+REPORTED = ("temperature", "kl", "kl_calibrated", "top1", "nll", "ece", "ece_calibrated")  # per trained run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,8 @@ class StudySettings:
 
 FULL = StudySettings()
 QUICK = StudySettings(
-    seeds=2, annotators=(1, 10, INF), cells=((128, 800), (1024, 800), (128, 3200)), population_annotators=(1, 3, 10, INF),
+    seeds=2, annotators=(1, 10, INF), cells=((128, 800), (1024, 800), (128, 3200)),
+    population_annotators=(1, 3, 10, INF),
     population_inputs=50_000, population_atoms_inf=2000, population_queries=1000, finite_batches=(16,),
     finite_annotators=(10,), finite_queries=50, finite_replicates=16,
 )
@@ -237,7 +239,8 @@ def finite_batch_scores(probs: np.ndarray, m, batch_size: int, negatives: np.nda
 
         def solve(p, perm, pos_chunk=pos_chunk, p_chunk=p_chunk):
             rows = [int(np.flatnonzero((p_chunk[:, perm] == row).all(1))[0]) for row in p]
-            cand = np.concatenate([pos_chunk[rows][:, :, None, perm], np.broadcast_to(neg[..., perm], (len(p),) + neg.shape)], 2)
+            negatives = np.broadcast_to(neg[..., perm], (len(p),) + neg.shape)
+            cand = np.concatenate([pos_chunk[rows][:, :, None, perm], negatives], 2)
 
             def moments(rows, s_rows):
                 c_a = cand[rows]
@@ -288,12 +291,14 @@ def population_prediction(settings: StudySettings, data: toy.ToyData, log: Calla
     marginals = {}
     for m in sorted(set(settings.population_annotators) | set(settings.finite_annotators)):
         t0 = time.time()
-        marginals[m] = target_marginal(settings.prior, m, settings.population_inputs, settings.population_atoms_inf, rng)
+        marginals[m] = target_marginal(settings.prior, m, settings.population_inputs, settings.population_atoms_inf,
+                                       rng)
         name = toy.annotators_name(m)
         out["linearised"][name] = 1.0 / (1.0 - (1.0 - 1.0 / m) * within)
         if m in settings.population_annotators:
             s, info = population_scores(np.exp(log_p), *marginals[m])
-            out["inf"][name] = {**score_metrics(s + log_pi, log_p, labels), **info, "max_abs_score": float(np.abs(s).max())}
+            out["inf"][name] = {**score_metrics(s + log_pi, log_p, labels), **info,
+                                "max_abs_score": float(np.abs(s).max())}
             log(f"population M=inf m={name:>3}: t* {out['inf'][name]['temperature']:.3f}, slope "
                 f"{out['inf'][name]['slope']:.2f} ({info['iterations']} Newton steps, {info['not_converged']} rows "
                 f"not converged, {time.time() - t0:.1f} s)")
@@ -356,7 +361,7 @@ def train_cell(settings: StudySettings, datas: Sequence[toy.ToyData], batch_size
         metrics, _, _ = te.run_metrics(d, logits[r, :nv], logits[r, nv:])
         out.append({"batch_size": batch_size, "steps": steps, "m": toy.annotators_name(m), "seed": int(seeds[r]),
                     "slope": logit_slope(logits[r, nv:], d.test.log_posterior),
-                    **{k: metrics[k] for k in ("temperature", "kl", "kl_calibrated", "top1", "nll", "ece", "ece_calibrated")}})
+                    **{k: metrics[k] for k in REPORTED}})
     return out
 
 
@@ -443,11 +448,13 @@ def plot_study(path: str, summary: list[dict], population: dict, settings: Study
     _log2_axis(axes[2], f"training steps (M = {base_b})", "t* against training length (dotted: optimum)")
 
     ax = axes[3]
-    ax.plot([xpos[m] for m in pop_ms], [population["inf"][m]["slope"] for m in pop_ms], "k-", lw=2, label="optimum, M = inf")
+    ax.plot([xpos[m] for m in pop_ms], [population["inf"][m]["slope"] for m in pop_ms], "k-", lw=2,
+            label="optimum, M = inf")
     ax.plot([xpos[m] for m in finite_m], [float(m) for m in finite_m], color="0.6", ls="--", label="slope = m")
     for i, (b, t) in enumerate(settings.cells):
         st = [_lookup(summary, b, t, m, "slope") for m in ms]
-        ax.plot([xpos[m] for m in ms], [v["mean"] for v in st], marker="o", ms=3, lw=1, label=f"trained, M = {b}, {t} steps")
+        ax.plot([xpos[m] for m in ms], [v["mean"] for v in st], marker="o", ms=3, lw=1,
+                label=f"trained, M = {b}, {t} steps")
     ax.set_yscale("log")
     ax.set_xticks(range(len(order)), order)
     ax.set_xlabel("annotators m")
@@ -468,7 +475,8 @@ def summary_markdown(summary: list[dict], population: dict, settings: StudySetti
         "# STI's fitted temperature on the toy: predicted and measured",
         "",
         f"{settings.prior} prior, {settings.seeds} seeds (mean ± std), learning rate policy `{settings.lr}`; "
-        f"run time {seconds['total']:.0f} s ({seconds['population']:.0f} s prediction, {seconds['training']:.0f} s training).",
+        f"run time {seconds['total']:.0f} s ({seconds['population']:.0f} s prediction, "
+        f"{seconds['training']:.0f} s training).",
         "",
         "## Trained: t* (slope of centred logits on centred log p)",
         "",
@@ -480,7 +488,8 @@ def summary_markdown(summary: list[dict], population: dict, settings: StudySetti
         slopes = [_lookup(summary, b, t, m, "slope") for m in ms]
         lines.append(f"| {b} | {t} | " + " | ".join(
             f"{c['mean']:.2f} ± {c['std']:.2f} ({s['mean']:.2f})" for c, s in zip(cells, slopes)) + " |")
-    lines += ["", "## Trained: KL to p(y|x), raw / at t*", "", "| M | steps | " + " | ".join(f"m = {m}" for m in ms) + " |",
+    lines += ["", "## Trained: KL to p(y|x), raw / at t*", "",
+              "| M | steps | " + " | ".join(f"m = {m}" for m in ms) + " |",
               "|---|---|" + "---|" * len(ms)]
     for b, t in settings.cells:
         lines.append(f"| {b} | {t} | " + " | ".join(
@@ -506,7 +515,8 @@ def summary_markdown(summary: list[dict], population: dict, settings: StudySetti
     return "\n".join(lines) + "\n"
 
 
-def run_study(settings: StudySettings = FULL, out_dir: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+def run_study(settings: StudySettings = FULL, out_dir: Optional[str] = None,
+              log: Callable[[str], None] = print) -> dict:
     """Prediction and measurement; writes ``metrics.json``, ``summary.md``, ``temperature_study.png``."""
     t0 = time.time()
     settings = dataclasses.replace(settings, annotators=tuple(toy.parse_annotators(m) for m in settings.annotators))
@@ -515,7 +525,8 @@ def run_study(settings: StudySettings = FULL, out_dir: Optional[str] = None, log
     base = cell_config(settings, *settings.cells[0])
     max_m = max([toy.MAX_ANNOTATORS] + [int(m) for m in settings.annotators if not math.isinf(m)])
     datas = [toy.make_toy_data(settings.prior, num_train=base.data.num_train, num_val=base.data.num_val,
-                               num_test=base.data.num_test, seed=seed, max_annotators=max_m) for seed in range(settings.seeds)]
+                               num_test=base.data.num_test, seed=seed, max_annotators=max_m)
+             for seed in range(settings.seeds)]
     population = population_prediction(settings, datas[0], log)
     t1 = time.time()
     rows = []
@@ -529,10 +540,11 @@ def run_study(settings: StudySettings = FULL, out_dir: Optional[str] = None, log
     seconds = {"population": t1 - t0, "training": time.time() - t1, "total": time.time() - t0}
     files = {"metrics": "metrics.json", "summary": "summary.md", "figure": "temperature_study.png"}
     plot_study(os.path.join(out_dir, files["figure"]), summary, population, settings)
-    result = {"settings": {**dataclasses.asdict(settings), "annotators": [toy.annotators_name(m) for m in settings.annotators],
-                           "population_annotators": [toy.annotators_name(m) for m in settings.population_annotators],
-                           "finite_annotators": [toy.annotators_name(m) for m in settings.finite_annotators],
-                           "num_train": base.data.num_train, "num_val": base.data.num_val, "num_test": base.data.num_test},
+    names = {field: [toy.annotators_name(m) for m in getattr(settings, field)]
+             for field in ("annotators", "population_annotators", "finite_annotators")}
+    result = {"settings": {**dataclasses.asdict(settings), **names,
+                           "num_train": base.data.num_train, "num_val": base.data.num_val,
+                           "num_test": base.data.num_test},
               "population": population, "summary": summary, "runs": rows, "files": files, "seconds": seconds,
               "out_dir": out_dir}
     cli.write_results(out_dir, result, summary_markdown(summary, population, settings, seconds), log)
@@ -543,7 +555,8 @@ def main(argv=None) -> None:
     settings, out = cli.parse_settings(
         argv, description=__doc__.split("\n")[0], settings=SETTINGS,
         out_help="run folder (default runs/toy-temperature-<timestamp>)",
-        overrides={"seeds": dict(type=int), "prior": dict(choices=list(toy.PRIORS)), "lr": dict(choices=("fixed", "scaled"))},
+        overrides={"seeds": dict(type=int), "prior": dict(choices=list(toy.PRIORS)),
+                   "lr": dict(choices=("fixed", "scaled"))},
     )
     run_study(settings, out)
 

@@ -328,10 +328,10 @@ def load_pretrained_params(path: str | os.PathLike) -> Params:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Converts MAE's PyTorch ViT checkpoint to an orbax checkpoint of Flax parameters.")
-    parser.add_argument(
-        "--input", required=True, help="MAE PyTorch checkpoint, e.g. mae_pretrain_vit_base.pth"
+    parser = argparse.ArgumentParser(
+        description="Converts MAE's PyTorch ViT checkpoint to an orbax checkpoint of Flax parameters."
     )
+    parser.add_argument("--input", required=True, help="MAE PyTorch checkpoint, e.g. mae_pretrain_vit_base.pth")
     parser.add_argument("--output", required=True, help="new directory for the orbax checkpoint")
     return parser.parse_args(argv)
 
