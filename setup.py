@@ -54,7 +54,7 @@ setup(
                          "ipykernel>=7.4.0", "ruff>=0.17.6"],
         # The loss and target tests only (the lowest-versions job of .ci/run).
         "test-core": ["pytest>=9.2.0"],
-        "docs": ["sphinx>=7.2", "myst-parser>=3.0"],
+        "docs": TRAIN + ["sphinx>=7.2.6", "myst-parser>=3.0.1"],  # autodoc imports every module
         # Accelerators: jax's own extras at the installed jax (README, "Running at scale").
         "tpu": ["jax[tpu]"],
         "cuda12": ["jax[cuda12]"],
