@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from softnce import losses as L
 from softnce import targets as T
@@ -57,7 +58,9 @@ def test_structured_matches_dense_and_numpy():
     # Registry: the STI adapter takes the structured path when structured targets are given.
     spec = L.get_loss("soft_target_infonce")
     inputs = L.LossInputs(t.dense, t.labels, jax.random.key(0), log_prior, TEMP)
-    np.testing.assert_allclose(spec.fn(logits, inputs._replace(structured_targets=t.structured)), dense, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        spec.fn(logits, inputs._replace(structured_targets=t.structured)), dense, rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(spec.fn(logits, inputs), dense, rtol=1e-6)
 
 
@@ -134,7 +137,8 @@ def test_blockwise_has_no_n_by_m_intermediate():
     c, block = 8, 32  # [M, C] targets (2048) and [N, block] scores (8192) are both far below N * M
     logits = jax.random.normal(jax.random.key(0), (n, c))
     targets = jax.nn.softmax(jax.random.normal(jax.random.key(1), (m, c)))
-    grad_of = lambda loss, **kw: jax.value_and_grad(lambda z: loss(z, targets, **kw).sum())
+    def grad_of(loss, **kw):
+        return jax.value_and_grad(lambda z: loss(z, targets, **kw).sum())
     dense = grad_of(L.soft_target_infonce)
     blockwise = grad_of(L.blockwise_soft_target_infonce, block_size=block)
     assert max(_intermediate_sizes(jax.make_jaxpr(dense)(logits))) >= n * m
