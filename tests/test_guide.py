@@ -48,9 +48,9 @@ def run_example(prefix: str) -> dict:
     return namespace
 
 
-def test_the_guide_has_both_examples():
+def test_the_guide_has_its_examples():
     headings = list(guide_sections())
-    assert [h.split(":")[0] for h in headings] == ["Example (a)", "Example (b)"], headings
+    assert [h.split(":")[0] for h in headings] == ["Example (a)", "Example (b)", "Example (c)"], headings
 
 
 def test_one_device_example_trains():
@@ -76,6 +76,16 @@ def test_sharded_example_matches_one_device_and_trains():
     assert len(losses) == 150 and np.all(np.isfinite(losses))
     assert losses[-20:].mean() < losses[:20].mean() - 0.5, (losses[:20].mean(), losses[-20:].mean())
     assert ns["test_accuracy"] > 0.8
+
+
+def test_padded_batch_and_checks_example():
+    ns = run_example("Example (c)")
+    real = ns["real"]
+    assert ns["padded"] > real and np.asarray(ns["where"]).sum() == real
+    np.testing.assert_allclose(ns["masked"][:real], ns["dropped"], rtol=1e-6)
+    assert np.all(np.asarray(ns["masked"])[real:] == 0)
+    assert np.all(np.asarray(ns["grad"])[real:] == 0) and np.all(np.isfinite(ns["grad"]))
+    assert "targets row 3 sums to 0.7, not 1" in ns["step_message"]
 
 
 def test_guide_sections_keep_line_numbers(tmp_path):
