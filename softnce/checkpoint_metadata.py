@@ -191,10 +191,11 @@ def to_config(config_json: dict):
 
 
 def read_run_config(workdir):
-    """The ``config.json`` that the trainer wrote to ``workdir``, as a ``ConfigDict``."""
-    from softnce import checkpointing
+    """The ``config.json`` that the trainer wrote to ``workdir``, as a ``ConfigDict`` (imports no jax)."""
+    from etils import epath
 
-    path = checkpointing.resolve(workdir) / "config.json"
+    text = os.fspath(workdir)
+    path = epath.Path(text if "://" in text else os.path.abspath(text)) / "config.json"  # checkpointing.resolve
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; is {workdir} the workdir of a softnce run?")
     return to_config(json.loads(path.read_text()))

@@ -207,17 +207,25 @@ def _parse_value(raw: str, current: Any, flag: str) -> Any:
     return value
 
 
-def apply_overrides(config: Any, overrides: dict[str, str], name: str = "config") -> dict[str, Any]:
+def apply_overrides(config: Any, overrides: dict[str, str], name: str = "config",
+                    new_fields_in: Sequence[str] = ()) -> dict[str, Any]:
     """Sets each ``path: raw value`` on ``config`` (a ``ConfigDict``), parsed like the field's current type.
 
     Returns the parsed values ``{path: value}``. A path that does not exist raises
-    :class:`UsageError` with the closest field name as a suggestion.
+    :class:`UsageError` with the closest field name as a suggestion, except directly inside the
+    groups ``new_fields_in`` (e.g. ``('data',)`` when the dataset itself is swapped), where a new
+    field is added (its value read as a Python literal, else a string).
     """
     parsed = {}
     for path, raw in overrides.items():
         flag = f"--{name}.{path}"
         node = config
         keys = path.split(".")
+        if len(keys) == 2 and keys[0] in new_fields_in and keys[0] in config and keys[1] not in config[keys[0]]:
+            value = _parse_value(raw, None, flag)
+            config[keys[0]][keys[1]] = value
+            parsed[path] = value
+            continue
         for depth, key in enumerate(keys):
             fields = list(node.keys()) if hasattr(node, "keys") else []
             if key not in fields:

@@ -184,7 +184,9 @@ def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, Any]:
                      "loss and temperatures are the checkpoint's).")
     try:
         config = checkpoint_metadata.read_run_config(args.workdir)
-        cli.apply_overrides(config, overrides)
+        swapped = "data.name" in overrides and overrides["data.name"] != config.data.name
+        # Another dataset may have fields the run's had not (e.g. data_dir); otherwise a new field is a typo.
+        cli.apply_overrides(config, overrides, new_fields_in=("data",) if swapped else ())
     except (FileNotFoundError, cli.UsageError) as error:
         cli.fail(error)
     given = [args.coordinator_address, args.num_processes, args.process_id]
@@ -215,10 +217,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         train.validate_config(config)
     except ConfigError as error:
         cli.fail(error)
+    # TensorFlow is imported only by the datasets that read with it, and those keep it off the accelerators.
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data
     try:
         evaluate_checkpoint(args.workdir, step=args.step, split=args.split, config=config,
                             refit_temperature=args.refit_temperature, name=args.name)

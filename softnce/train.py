@@ -10,6 +10,10 @@ averaged over devices (``pmean``) inside the differentiated function, so the gra
 device-invariant params, summed over devices by the transpose of ``shard_map``) and the update are
 those of the global-batch mean loss.
 
+Targets: the labels smoothed and mixed (:mod:`softnce.targets`), or the soft targets given with the
+data (``batch['targets']``), smoothed and mixed the same way; with ``config.distill`` a frozen
+teacher's distribution on the student's (mixed) inputs is mixed in (:mod:`softnce.distill`).
+
 Start-up order: resume from the newest intact checkpoint in ``workdir/checkpoints`` (a damaged newer
 one is reported and moved aside), else the params of ``config.init.checkpoint`` (an earlier run),
 else ``config.init.pretrained`` (converted MAE weights without the head), else from scratch.
@@ -55,6 +59,7 @@ from softnce import (
     checkpoint_metadata,
     checkpointing,
     config_checks,
+    distill,
     distributed,
     evaluation,
     losses,
@@ -87,11 +92,24 @@ LogitsStepFn = Callable[[Params, dict], tuple[jax.Array, jax.Array, jax.Array]]
 # --------------------------------------------------------------------------------------------------
 
 
-def make_targets(rng, batch: dict, *, num_classes: int, mix_config: targets.MixConfig):
-    """Inputs and soft targets of one device's batch: given ``targets`` or smoothed/mixed labels."""
-    if "targets" in batch:
-        return batch["inputs"], targets.Targets(batch["targets"], batch["label"], None)
-    return targets.mix_batch(rng, batch["inputs"], batch["label"], num_classes=num_classes, config=mix_config)
+def make_targets(rng, batch: dict, *, num_classes: int, mix_config: targets.MixConfig,
+                 teacher: Optional[distill.Teacher] = None, teacher_params: Optional[Params] = None):
+    """Inputs and soft targets of one device's batch.
+
+    The recipe's targets are the smoothed and mixed one-hot labels, or the smoothed and mixed
+    ``targets`` given with the batch (used as they are when there is neither smoothing nor mixing).
+    With a ``teacher`` (:mod:`softnce.distill`) they become ``(1 - beta) a_recipe + beta
+    softmax(z_teacher / tau)``, the teacher run on the returned (mixed) inputs.
+    """
+    given = batch.get("targets")
+    if given is not None and not mix_config.mixing and mix_config.label_smoothing == 0:
+        inputs, made = batch["inputs"], targets.Targets(given, batch["label"], None)
+    else:
+        inputs, made = targets.mix_batch(rng, batch["inputs"], batch["label"], num_classes=num_classes,
+                                         config=mix_config, soft_targets=given)
+    if teacher is not None:
+        made = targets.Targets(teacher.targets(teacher_params, inputs, made.dense), made.labels, None)
+    return inputs, made
 
 
 def example_keys(rng: jax.Array, num_examples: int, axis_name: Optional[str]) -> jax.Array:
@@ -108,6 +126,7 @@ def train_step(
     batch: dict,
     rng: jax.Array,
     log_noise_probs: Optional[jax.Array],
+    teacher_params: Optional[Params] = None,
     *,
     loss_fn: losses.LossFn,
     num_classes: int,
@@ -115,15 +134,20 @@ def train_step(
     temperature: float,
     axis_name: Optional[str],
     input_transform: Optional[DeviceTrainTransform] = None,
+    teacher: Optional[distill.Teacher] = None,
 ) -> tuple[TrainState, dict]:
     """One optimiser step on one device's share of the batch (pure; per-device code).
 
     Args:
-      state: replicated train state. batch: ``inputs [N, ...]``, ``label [N]`` (and optionally
-      ``targets [N, C]``). rng: the run's key (folded here with the step and the device index).
-      log_noise_probs: ``log(eta)`` ``[C]`` or ``None``. input_transform: the dataset's
-      ``device_train_transform(keys [N], inputs) -> inputs`` (per-example keys, see
-      :func:`example_keys`), applied before the targets are made; ``None`` leaves inputs as they are.
+      state: replicated train state.
+      batch: ``inputs [N, ...]``, ``label [N]`` (and optionally ``targets [N, C]``).
+      rng: the run's key (folded here with the step and the device index).
+      log_noise_probs: ``log(eta)`` ``[C]`` or ``None``.
+      input_transform: the dataset's ``device_train_transform(keys [N], inputs) -> inputs``
+        (per-example keys, see :func:`example_keys`), applied before the targets are made; ``None``
+        leaves inputs as they are.
+      teacher, teacher_params: a frozen :class:`softnce.distill.Teacher` and its (replicated)
+        parameters, whose distribution enters the targets (:func:`make_targets`); ``None``: no teacher.
 
     Returns:
       The new state and ``{'loss', 'grad_norm'}`` averaged over the global batch.
@@ -135,7 +159,8 @@ def train_step(
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     mix_rng, dropout_rng, loss_rng = jax.random.split(rng, 3)
-    inputs, batch_targets = make_targets(mix_rng, batch, num_classes=num_classes, mix_config=mix_config)
+    inputs, batch_targets = make_targets(mix_rng, batch, num_classes=num_classes, mix_config=mix_config,
+                                         teacher=teacher, teacher_params=teacher_params)
     loss_inputs = losses.LossInputs(
         targets=batch_targets.dense,
         labels=batch_targets.labels,
@@ -159,11 +184,26 @@ def train_step(
     return state.apply_gradients(grads=grads), metrics
 
 
-def make_sharded_train_step(mesh: Mesh, **step_kwargs) -> TrainStepFn:
-    """``jit(shard_map(train_step))``: state, rng and prior replicated, batch split on ``'data'``."""
+def make_sharded_train_step(mesh: Mesh, *, teacher_params: Optional[Params] = None, **step_kwargs) -> TrainStepFn:
+    """``jit(shard_map(train_step))``: state, rng and prior replicated, batch split on ``'data'``.
+
+    With ``teacher=`` (in ``step_kwargs``) the teacher's ``teacher_params`` are replicated over the
+    mesh once and passed to every step as an argument (not donated, not part of the state).
+    """
     step = functools.partial(train_step, axis_name=AXIS, **step_kwargs)
-    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P(), P()), out_specs=(P(), P()))
-    return jax.jit(sharded, donate_argnums=(0,))
+    if step_kwargs.get("teacher") is None:
+        sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P(), P()), out_specs=(P(), P()))
+        return jax.jit(sharded, donate_argnums=(0,))
+    if teacher_params is None:
+        raise ValueError("make_sharded_train_step: a teacher needs its teacher_params.")
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P(), P(), P()), out_specs=(P(), P()))
+    jitted = jax.jit(sharded, donate_argnums=(0,))
+    replicated = jax.jit(lambda p: p, out_shardings=distributed.replicated(mesh))(jax.device_get(teacher_params))
+
+    def step_with_teacher(state, batch, rng, log_noise_probs):
+        return jitted(state, batch, rng, log_noise_probs, replicated)
+
+    return step_with_teacher
 
 
 def _eval_logits(params, batch: dict, *, apply_fn, input_transform: Optional[DeviceEvalTransform]):
@@ -234,21 +274,82 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             registry.get(name)
         except ValueError as error:
             raise config_checks.ConfigError(str(error)) from None
-    if config.loss.noise_prior not in ("class_prior", "uniform"):
+    if config.loss.noise_prior not in NOISE_PRIORS:
         raise config_checks.ConfigError(
-            f"config.loss.noise_prior must be 'class_prior' or 'uniform', got {config.loss.noise_prior!r}."
+            "config.loss.noise_prior must be 'class_prior' or 'uniform' or 'target_mean' or 'explicit' (with "
+            f"config.loss.noise_probs), got {config.loss.noise_prior!r}."
         )
     config_checks.check_config(config)
     try:
         targets.MixConfig.from_config(config.augment)
     except ValueError as error:
         raise config_checks.ConfigError(f"config.augment: {error}") from None
+    noise_probs = config.loss.get("noise_probs")
+    if (config.loss.noise_prior == "explicit") != (noise_probs is not None):
+        raise config_checks.ConfigError(
+            "config.loss.noise_prior='explicit' and config.loss.noise_probs (the prior eta, one probability per "
+            f"class) go together; got noise_prior={config.loss.noise_prior!r}, noise_probs={noise_probs!r}."
+        )
+    distill.check_config(config)
+
+
+NOISE_PRIORS = ("class_prior", "uniform", "target_mean", "explicit")
+"""The choices of ``config.loss.noise_prior`` (:func:`noise_prior`)."""
+
+
+def log_prior_from_mass(mass, *, smoothing: float = 0.0, what: str = "training-label counts") -> jax.Array:
+    """``log(eta)``, ``eta_c = (mass_c + smoothing) / (sum(mass) + C smoothing)``, float32 ``[C]``.
+
+    ``mass`` are per-class counts, or the per-class sums of soft targets; a class without mass is an
+    error unless ``smoothing > 0`` (its ``log(eta)`` would be ``-inf``).
+    """
+    mass = np.asarray(mass, np.float64)
+    empty = np.flatnonzero(mass <= 0)
+    if smoothing == 0 and empty.size:
+        raise config_checks.ConfigError(
+            f"noise prior: {empty.size} class(es) have no mass in the {what} (classes {empty[:20].tolist()}), so "
+            "log(eta) would be -inf; set config.loss.prior_smoothing > 0 (e.g. 1.0) or another noise_prior."
+        )
+    probs = (mass + smoothing) / (mass.sum() + mass.size * smoothing)
+    return jnp.asarray(np.log(probs), jnp.float32)
+
+
+def explicit_log_prior(noise_probs, num_classes: int, *, atol: float = 1e-3) -> jax.Array:
+    """``log(noise_probs)`` float32 ``[C]`` for ``noise_prior='explicit'``; checks length, sign and sum."""
+    probs = np.asarray(noise_probs, np.float64)
+    if probs.shape != (num_classes,):
+        raise config_checks.ConfigError(
+            f"config.loss.noise_probs has {probs.size} entries; the dataset has {num_classes} classes."
+        )
+    if not np.all(probs > 0) or abs(probs.sum() - 1.0) > atol:
+        raise config_checks.ConfigError(
+            f"config.loss.noise_probs = {tuple(probs.tolist())} must be positive and sum to 1 (within {atol}); "
+            f"it sums to {probs.sum():.6g}."
+        )
+    return jnp.asarray(np.log(probs), jnp.float32)
 
 
 def noise_prior(config: ml_collections.ConfigDict, dataset: Dataset) -> Optional[jax.Array]:
-    """``log(eta)`` from the training-label counts, computed once; ``None`` for uniform / unused."""
-    if not losses.get_loss(config.loss.name).uses_noise_prior or config.loss.noise_prior == "uniform":
+    """``log(eta)`` of the InfoNCE-type losses, computed once; ``None`` for uniform / unused.
+
+    ``config.loss.noise_prior``: ``'class_prior'`` the training-label frequencies, ``'target_mean'``
+    the mean of the soft targets given with the training split (their per-class sums, with the same
+    ``prior_smoothing``: :func:`log_prior_from_mass`), ``'explicit'`` ``config.loss.noise_probs``.
+    """
+    kind = config.loss.noise_prior
+    if not losses.get_loss(config.loss.name).uses_noise_prior or kind == "uniform":
         return None
+    smoothing = config.loss.get("prior_smoothing", 0.0)
+    if kind == "explicit":
+        return explicit_log_prior(config.loss.noise_probs, dataset.num_classes)
+    if kind == "target_mean":
+        sums = dataset.train_target_sums()
+        if sums is None:
+            raise config_checks.ConfigError(
+                f"config.loss.noise_prior='target_mean' is the mean of the soft targets given with the data, but "
+                f"the dataset {config.data.name!r} gives none; use 'class_prior', 'uniform' or 'explicit'."
+            )
+        return log_prior_from_mass(sums, smoothing=smoothing, what="soft targets given with the training split")
     counts = np.asarray(dataset.train_label_counts())
     labels = np.repeat(np.arange(dataset.num_classes), counts)
     return losses.log_class_prior(labels, dataset.num_classes, smoothing=config.loss.get("prior_smoothing", 0.0))
@@ -361,6 +462,9 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     log_noise_probs = noise_prior(config, dataset)
     mix_config = targets.MixConfig.from_config(config.augment)
     loss_spec = losses.get_loss(config.loss.name)
+    teacher = distill.load_teacher(config, dataset)  # None without config.distill; checked before any write
+    if teacher is not None:
+        _print_chief(is_chief, distill.describe(teacher, config))
 
     workdir = checkpointing.resolve(workdir)  # local or gs://; every write below is on process 0 only
     if is_chief:
@@ -383,9 +487,10 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
         )
         _print_chief(is_chief, f"resumed from the checkpoint of step {last_saved} in {ckpt_dir}")
 
+    teacher_kwargs = {} if teacher is None else dict(teacher=teacher.teacher, teacher_params=teacher.params)
     step_fn = make_sharded_train_step(
         mesh, loss_fn=loss_spec.fn, num_classes=dataset.num_classes, mix_config=mix_config,
-        temperature=config.loss.temperature, input_transform=dataset.device_train_transform,
+        temperature=config.loss.temperature, input_transform=dataset.device_train_transform, **teacher_kwargs,
     )
     eval_fn, logits_fn = make_eval_fns(mesh, model, dataset)
     return Run(
@@ -563,12 +668,67 @@ def _print_eval(run: Run, step: int, summary: dict) -> None:
     _print_chief(run.is_chief, f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
 
 
+def tracks_validation(config: ml_collections.ConfigDict) -> bool:
+    """Whether a run records validation metrics: ``config.validation_every_steps`` set, or
+    ``config.evaluate_test`` False (a selection run, which never reads the test split)."""
+    return bool(config.get("validation_every_steps")) or not config.get("evaluate_test", True)
+
+
+def _evaluate_validation(run: Run, step: int, curve: list[dict]) -> dict:
+    """Validation metrics at ``config.loss.temperature``: logged as ``val/*``, appended to ``curve`` and
+    written to ``history.json`` (the learning curve; process 0)."""
+    batches = run.dataset.validation_batches(run.local_eval_batch)
+    summary, _ = evaluate(run.eval_fn, run.state.params, batches, run.mesh, run.config.loss.temperature)
+    run.writer.write_scalars(step, {f"val/{k}": v for k, v in summary.items()})
+    _print_chief(run.is_chief, f"validation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    curve.append(dict(summary, step=step))
+    if run.is_chief:
+        _write_json(run.workdir / "history.json", curve)
+    return summary
+
+
+def _load_curve(run: Run) -> list[dict]:
+    """The points of ``history.json`` up to the step a resumed run restarts from (empty for a fresh run)."""
+    path = run.workdir / "history.json"
+    if not run.start_step or not path.exists():
+        return []
+    return [point for point in json.loads(path.read_text()) if point["step"] <= run.start_step]
+
+
+def _final_validation(run: Run, curve: list[dict], calibrated: Optional[tuple[dict, dict]]) -> dict:
+    """The final validation metrics and ``t*`` (fitted on them), written to ``validation_metrics.json``."""
+    step = int(run.state.step)
+    last = curve[-1] if curve and curve[-1]["step"] == step else None
+    summary = dict(last) if last is not None else dict(_evaluate_validation(run, step, curve), step=step)
+    if calibrated is not None:
+        t_star = calibrated[0]["temperature"]
+    else:
+        t_star = fit_validation_temperature(run.logits_fn, run.state.params, run.dataset, run.local_eval_batch,
+                                            run.mesh)
+    summary.update(temperature=t_star, split="validation")
+    if run.is_chief:
+        _write_json(run.workdir / "validation_metrics.json", summary)
+    return summary
+
+
 def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
     """Trains from ``run.state`` to ``config.num_train_steps``; evaluates, calibrates and writes the results.
+
+    With ``config.validation_every_steps`` the validation split is evaluated every that many steps
+    and at the end (``history.json``); with ``config.evaluate_test = False`` the test split is never
+    read (no ``metrics.json``). Either way ``validation_metrics.json`` holds the final validation
+    metrics and ``t*``, also returned as ``'validation'``.
 
     Returns the final metrics (``{'preempted_at_step': s}`` if stopped early).
     """
     config, total = run.config, run.config.num_train_steps
+    evaluate_test, validation_every = config.get("evaluate_test", True), config.get("validation_every_steps")
+    if tracks_validation(config) and not run.dataset.num_validation_examples:
+        raise config_checks.ConfigError(
+            "config.validation_every_steps and config.evaluate_test = False need a validation split; set "
+            "config.data.validation_fraction > 0."
+        )
+    curve = _load_curve(run) if tracks_validation(config) else []
     batches = run.dataset.train_batches(run.local_batch, seed=config.seed, start_step=run.start_step)
     progress = Progress(total, run.start_step)
     history: list[tuple[int, dict]] = []
@@ -589,7 +749,8 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
             preempted = preempted or step == stop_at_step
             save_now = is_last or preempted or step % config.checkpoint_every_steps == 0
             evaluate_now = is_last or step % config.eval_every_steps == 0
-            if not (save_now or evaluate_now or step % config.log_every_steps == 0):
+            validate_now = bool(validation_every) and (is_last or step % validation_every == 0)
+            if not (save_now or evaluate_now or validate_now or step % config.log_every_steps == 0):
                 continue
             in_flight.drain()
             with watchdog.paused():
@@ -604,15 +765,18 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
                                  f"{run.ckpt_dir}; rerun the same command to resume.")
                     run.writer.flush()
                     return {"preempted_at_step": step}
-                if evaluate_now:
+                if evaluate_now and evaluate_test:
                     summary, sums = _evaluate_test(run)
                     _print_eval(run, step, summary)
+                if validate_now:
+                    _evaluate_validation(run, step, curve)
         in_flight.drain()
         with watchdog.paused():
             run.manager.wait_until_finished()
-            if not summary:  # the run had already finished: evaluate the restored state
+            if evaluate_test and not summary:  # the run had already finished: evaluate the restored state
                 summary, sums = _evaluate_test(run)
-            calibrated = calibrate(run)
+            calibrated = calibrate(run) if evaluate_test else None
+            validation = _final_validation(run, curve, calibrated) if tracks_validation(config) else None
     summary = dict(summary, step=int(run.state.step))
     calibrated_sums = None
     if calibrated is not None:
@@ -620,10 +784,13 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
         summary.update(calibration)
         _print_eval(run, summary["step"], calibration)
     if run.is_chief and run.last_saved == summary["step"]:  # the final checkpoint's metadata, now with t*
-        t_star = summary.get("temperature")
+        t_star = summary.get("temperature") if evaluate_test else validation["temperature"]
         checkpoint_metadata.write(run.ckpt_dir, summary["step"],
                                   checkpoint_metadata.for_step(metadata, summary["step"], t_star=t_star))
-    _write_results(run, summary, sums, calibrated_sums)
+    if evaluate_test:
+        _write_results(run, summary, sums, calibrated_sums)
+    if validation is not None:
+        summary["validation"] = validation
     run.writer.flush()
     return summary
 
@@ -639,6 +806,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     the data has a validation split), ``eval_sums.json`` (the calibration-bin sums) and
     ``reliability.png`` to ``workdir`` (process 0). Raises ``FloatingPointError`` on a non-finite
     loss, keeping the last good checkpoint; the step watchdog ends a stuck process (see
-    :mod:`softnce.watchdog`).
+    :mod:`softnce.watchdog`). Validation tracking (``config.validation_every_steps``,
+    ``config.evaluate_test``) adds ``history.json`` and ``validation_metrics.json`` (:func:`train_loop`).
     """
     return train_loop(set_up(config, workdir), stop_at_step=stop_at_step)

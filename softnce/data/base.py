@@ -20,7 +20,11 @@ class Dataset(abc.ABC):
 
     Batches are host numpy arrays of this process's share of the global batch:
     ``inputs`` float32 ``[B, *example_shape]``, ``label`` int32 ``[B]`` and, for evaluation,
-    ``mask`` bool ``[B]`` (False on padding), with ``B = global_batch // process_count``.
+    ``mask`` bool ``[B]`` (False on padding), with ``B = global_batch // process_count``. Training
+    batches may also carry soft targets given with the data, ``targets`` float32 ``[B, C]`` (rows are
+    distributions; check them with :func:`softnce.losses.validate_targets` before training, as
+    :class:`~softnce.data.arrays.ArrayDataset` does); the trainer smooths and mixes them in place of
+    ``one_hot(label)`` and reports their mean through :meth:`train_target_sums`.
 
     The validation split (``num_validation_examples`` of them, possibly 0) is carved from the
     training data (``config.data.validation_fraction``, ``config.data.validation_seed``): those
@@ -51,6 +55,15 @@ class Dataset(abc.ABC):
     @abc.abstractmethod
     def train_label_counts(self) -> np.ndarray:
         """Per-class counts ``[C]`` over the whole training split (all processes), for the prior."""
+
+    def train_target_sums(self) -> Optional[np.ndarray]:
+        """Per-class sums ``[C]`` of the soft targets given with the whole training split, or ``None``.
+
+        A dataset whose training batches carry ``targets [B, C]`` (annotator vote distributions,
+        another model's labels) returns them; the trainer's ``noise_prior='target_mean'`` is their
+        mean. ``None`` (the default): the data bring no soft targets.
+        """
+        return None
 
     @abc.abstractmethod
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:

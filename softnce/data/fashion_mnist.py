@@ -44,6 +44,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
+from softnce.data import array_augment
 from softnce.data.arrays import ArrayDataset, carve_validation
 
 try:  # TensorFlow only reads the data; it must never take the accelerator's memory.
@@ -295,7 +296,10 @@ def make_fashion_mnist_dataset(config: ml_collections.ConfigDict, *, process_ind
 
     Fields: ``data_dir`` (the tfds data directory; None: ``~/tensorflow_datasets``),
     ``validation_fraction`` (of the 60,000 training images held out for the temperature fit; 0: none)
-    and ``validation_seed``. Evaluation is on the official 10,000 test images.
+    and ``validation_seed``. Evaluation is on the official 10,000 test images. Optional:
+    ``num_train_examples`` (train on the first ``n`` of the images left after the validation split;
+    None: all), ``random_crop_padding`` / ``random_flip`` (input augmentation of the training images,
+    :class:`softnce.data.array_augment.CropFlip`; 0 / False: none).
 
     Raises:
       FileNotFoundError: the data was never prepared (the message gives both preparation commands).
@@ -306,12 +310,15 @@ def make_fashion_mnist_dataset(config: ml_collections.ConfigDict, *, process_ind
     x_train, y_train, x_val, y_val = carve_validation(
         x_train, y_train, config.get("validation_fraction", 0.0), config.get("validation_seed", 0)
     )
+    if config.get("num_train_examples"):
+        x_train, y_train = x_train[: config.num_train_examples], y_train[: config.num_train_examples]
     dataset = ArrayDataset(
         normalize(x_train), y_train, normalize(x_test), y_test, num_classes=NUM_CLASSES,
         validation=(normalize(x_val), y_val) if len(y_val) else None,
         process_index=process_index, process_count=process_count,
     )
     dataset.class_names = CLASS_NAMES
+    dataset.device_train_transform = array_augment.from_config(config, fill=float(normalize(np.zeros(1, np.uint8))[0]))
     return dataset
 
 

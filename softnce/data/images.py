@@ -94,7 +94,9 @@ def make_image_dataset(config: ml_collections.ConfigDict, *, process_index: int,
                        process_count: int) -> "ImageDataset":
     """Builds this process's view of a prepared tfds image dataset.
 
-    Config fields (missing ones take :func:`default_image_config`'s values):
+    Missing config fields take :func:`default_image_config`'s values.
+
+    Config fields:
       name: ``'imagenet2012'`` | ``'cifar100'`` | ``'tiny_imagenet'``.
       data_dir: the tfds data directory (None: tfds's default, ``~/tensorflow_datasets``).
       image_size: side ``S`` of the square training/evaluation images (224 in the recipe).
