@@ -9,10 +9,12 @@ names, ``t*``, the training temperature, the class prior, the input shape and dt
 config), ``logits`` and ``predict_proba`` serialised with ``jax.export`` (StableHLO with a symbolic
 batch dimension; the dataset's evaluation input transform included), and ``load.py``, a loader that
 imports only jax and numpy (:mod:`softnce.export_loader`). Loading and predicting need neither
-softnce, Flax nor TensorFlow::
+softnce, Flax nor TensorFlow; ``load`` is imported as a plain module, with ``DIR`` on the import path
+(the working directory of ``python -c`` or an interactive python, or ``PYTHONPATH=DIR``)::
 
-    loader = <import DIR/load.py>  (importlib.util.spec_from_file_location, or run python in DIR: import load)
-    model = loader.load(DIR)
+    cd DIR && python -c "import load; model = load.load('.'); ..."
+    PYTHONPATH=DIR python my_script.py      # in it: import load; model = load.load()  (load.py's directory)
+
     model.predict_proba(x)             # softmax(z / t*)
 
 ``--platforms`` (default: this machine's backend) lowers the functions for several backends, e.g.

@@ -10,13 +10,13 @@ This file is copied into every export as ``load.py``, beside the artefact it loa
 
 Both functions are StableHLO with a symbolic batch dimension ``b`` and include the dataset's
 evaluation input transform, so ``x`` is what the dataset's eval pipeline yields (see
-``metadata['input']``: shape and dtype of one example). Use it without softnce, Flax or TensorFlow::
+``metadata['input']``: shape and dtype of one example). Use it without softnce, Flax or TensorFlow,
+importing it as the module ``load`` with the export directory on the import path: run ``python -c``
+or an interactive python in it (``cd EXPORT_DIR``), or set ``PYTHONPATH=EXPORT_DIR`` (needed for a
+script kept elsewhere, whose own directory, not the working one, heads ``sys.path``)::
 
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("softnce_export", "EXPORT_DIR/load.py")
-    loader = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loader)
-    model = loader.load("EXPORT_DIR")
+    import load
+    model = load.load()                       # the directory of load.py; or load.load("EXPORT_DIR")
     model.predict_proba(x)                    # softmax(z / t*), the calibrated probabilities
     model.predict_proba(x, calibrated=False)  # softmax(z / t) at the training temperature
     model.predict(x), model.logits(x), model.class_names

@@ -32,12 +32,15 @@ def test_scripts_import_only_the_package(script):
 
 
 @pytest.mark.parametrize("path", PYTHON_FILES, ids=lambda p: os.path.relpath(p, REPO))
-def test_nothing_edits_the_import_path(path):
+def test_nothing_edits_the_import_path_or_loads_files_by_path(path):
     tree = ast.parse(open(path).read())
     edits = [node.lineno for node in ast.walk(tree)
              if isinstance(node, ast.Attribute) and node.attr == "path"
              and isinstance(node.value, ast.Name) and node.value.id == "sys"]
     assert not edits, f"{path} touches the import path at lines {edits}"
+    by_path = [node.lineno for node in ast.walk(tree)
+               if isinstance(node, ast.Attribute) and node.attr in ("spec_from_file_location", "run_path")]
+    assert not by_path, f"{path} loads Python files by path at lines {by_path}"
 
 
 @pytest.mark.parametrize("script", ["toy_experiment.py", "digits_comparison.py"])

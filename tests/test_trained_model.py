@@ -201,12 +201,10 @@ def test_a_workdir_saved_before_the_metadata_still_loads(digits_run, tmp_path):
 
 
 RUN_EXPORT = """
-import importlib.util, json, sys
+import json, os, sys
 import numpy as np
-spec = importlib.util.spec_from_file_location("softnce_export", sys.argv[1] + "/load.py")
-loader = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(loader)
-model = loader.load(sys.argv[1])
+import load  # the export's load.py, found through PYTHONPATH=DIR
+model = load.load(sys.argv[1])
 inputs = np.load(sys.argv[2])
 out = {}
 for name in inputs.files:
@@ -217,14 +215,17 @@ for name in inputs.files:
     out[name + "/predict"] = model.predict(x)
 np.savez(sys.argv[3], **out)
 imported = sorted({m.split(".")[0] for m in sys.modules} & {"softnce", "flax", "tensorflow", "optax", "orbax"})
-print(json.dumps({"imported": imported, "jax": "jax" in sys.modules, "classes": model.class_names}))
+print(json.dumps({"imported": imported, "jax": "jax" in sys.modules, "classes": model.class_names,
+                  "loader": os.path.dirname(os.path.realpath(load.__file__))}))
 """
 
 
 def check_export_in_fresh_process(export_dir, classifier, inputs: dict, tmp_path):
-    """Runs the export in a new python with only jax (cwd outside the repository); compares to ``classifier``."""
+    """Runs the export in a new python with only jax (cwd outside the repository, ``import load`` through
+    ``PYTHONPATH=export_dir``); compares to ``classifier``."""
     np.savez(tmp_path / "inputs.npz", **inputs)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(export_dir)
     proc = subprocess.run([sys.executable, "-c", RUN_EXPORT, str(export_dir), str(tmp_path / "inputs.npz"),
                            str(tmp_path / "outputs.npz")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -232,6 +233,7 @@ def check_export_in_fresh_process(export_dir, classifier, inputs: dict, tmp_path
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["imported"] == [] and report["jax"], report  # neither softnce, Flax nor TensorFlow
     assert report["classes"] == classifier.class_names
+    assert report["loader"] == os.path.realpath(export_dir), report  # the export's own load.py
     outputs = np.load(tmp_path / "outputs.npz")
     worst = 0.0
     for name, x in inputs.items():
