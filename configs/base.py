@@ -22,6 +22,9 @@ def augment(soft: bool) -> ml_collections.ConfigDict:
     ``soft=True``: label smoothing 0.1, MixUp alpha 0.8, CutMix alpha 1.0, mix probability 0.8,
     switch probability 0.5, one lambda per batch (timm's ``Mixup`` as MAE fine-tuning uses it), with
     structured targets for STI. ``soft=False``: targets are ``one_hot(labels)`` (the hard-target runs).
+    Either way ``cutmix_minmax`` is off (``(lo, hi)``: timm's box side fractions, which override
+    ``cutmix_alpha``) and ``correct_lam`` on (the CutMix lambda is the area actually kept). Soft targets
+    given with the data are smoothed and mixed in place of ``one_hot(labels)``.
     """
     return ml_collections.ConfigDict(dict(
         label_smoothing=0.1 if soft else 0.0,
@@ -31,6 +34,8 @@ def augment(soft: bool) -> ml_collections.ConfigDict:
         switch_prob=0.5,
         mode="batch",
         structured=True,
+        cutmix_minmax=none(tuple),
+        correct_lam=True,
     ))
 
 
@@ -57,17 +62,24 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_checkpoints = 2  # the newest and one to fall back on
     config.step_timeout_s = none(float)  # the step watchdog; None = automatic (softnce.watchdog)
     config.max_steps_in_flight = none(int)  # None = 1 on CPU, 2 on accelerators
+    # Validation tracking (softnce.experiments.sweep): the validation split's metrics every
+    # validation_every_steps and at the end (history.json, validation_metrics.json; None = off);
+    # evaluate_test = False never reads the test split (selection runs; implies the final validation).
+    config.validation_every_steps = none(int)
+    config.evaluate_test = True
 
     # Each config adds data.name and its dataset's fields. validation_fraction: the share of the
     # training data held out to fit the post-hoc temperature (never trained on).
     config.data = ml_collections.ConfigDict(dict(
         batch_size=128, eval_batch_size=1000, validation_fraction=0.1, validation_seed=0,
     ))
-    # noise_prior: the eta of the InfoNCE losses, 'class_prior' (training-label frequencies) or 'uniform';
-    # prior_smoothing: pseudo-count added to every class count.
-    config.loss = ml_collections.ConfigDict(
-        dict(name="soft_target_infonce", temperature=1.0, noise_prior="class_prior", prior_smoothing=0.0)
-    )
+    # noise_prior: the eta of the InfoNCE losses, 'class_prior' (training-label frequencies), 'uniform',
+    # 'target_mean' (the mean of the soft targets given with the data) or 'explicit' (noise_probs, [C]);
+    # prior_smoothing: pseudo-count added to every class count (or target mass).
+    config.loss = ml_collections.ConfigDict(dict(
+        name="soft_target_infonce", temperature=1.0, noise_prior="class_prior", prior_smoothing=0.0,
+        noise_probs=none(tuple),
+    ))
     config.augment = augment(soft=True)
     # AdamW; lr = base_lr * batch / 256 after a linear warm-up, then a half-cosine to min_lr.
     # layer_decay: layer-wise lr decay of the ViT (None = off).
@@ -77,4 +89,13 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     # Start from an earlier run's checkpoint or from converted MAE weights (both off).
     config.init = ml_collections.ConfigDict(dict(checkpoint=none(str), pretrained=none(str)))
+    # Knowledge distillation (off; softnce.distill): the targets become
+    # a = (1 - beta) a_recipe + beta softmax(z_teacher / tau), the teacher frozen and run in the train step on
+    # the student's (mixed) inputs. The teacher: a softnce run (teacher_workdir, its checkpoint teacher_step,
+    # None = the latest; built with that run's own model config), or any registered model (teacher_model:
+    # name and fields, set in a config file) with a parameters file (teacher_params: .npz or .msgpack).
+    config.distill = ml_collections.ConfigDict(dict(
+        teacher_workdir=none(str), teacher_step=none(int), teacher_params=none(str),
+        teacher_model=ml_collections.ConfigDict(dict(name=none(str))), tau=1.0, beta=1.0,
+    ))
     return config

@@ -37,7 +37,9 @@ def get_config(arg=None):
     config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = args["steps"]
     config.log_every_steps = 250
     config.max_checkpoints = 1
-    config.data.update(name="fashion_mnist", data_dir=config_utils.none(str))
+    # Off by default: a training subset (None = all 54,000) and random crop (padding 4) + flip.
+    config.data.update(name="fashion_mnist", data_dir=config_utils.none(str), num_train_examples=config_utils.none(int),
+                       random_crop_padding=0, random_flip=False)
     config.model = ml_collections.ConfigDict(
         dict(name="small_cnn", channels=(32, 64), convs_per_stage=1, hidden=128, dropout_rate=0.0)
     )

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator, Optional
-
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 if TYPE_CHECKING:  # the rules need no ml_collections: softnce.targets (light core) checks MixConfig here
     import ml_collections
@@ -97,6 +95,7 @@ RULES: dict[str, Range] = {
     "num_train_steps": count(1, "optimiser steps in the whole run"),
     "log_every_steps": count(1, "steps between progress lines"),
     "eval_every_steps": count(1, "steps between evaluations"),
+    "validation_every_steps": count(1, "steps between validation evaluations; None = off", allow_none=True),
     "checkpoint_every_steps": count(1, "steps between checkpoints"),
     "max_checkpoints": count(1, "checkpoints kept on disk"),
     "step_timeout_s": positive(
@@ -117,11 +116,13 @@ RULES: dict[str, Range] = {
     "data.annotators": count(1, "annotators per example (or 'inf')"),
     "data.image_size": count(8, "side of the square crop in pixels"),
     "data.num_train_examples": count(1, "training examples to read (None = the whole split)", allow_none=True),
+    "data.random_crop_padding": count(0, "pixels of padding around the random training crop; 0 = off"),
     "data.num_eval_examples": count(1, "evaluation examples to read (None = the whole split)", allow_none=True),
     "data.random_erasing_prob": probability("probability of random erasing"),
     "data.shuffle_buffer": count(1, "examples in the shuffle buffer"),
     "data.num_shards": count(1, "shards of the training split (None = the process count)", allow_none=True),
     "data.host_threads": count(1, "host threads decoding and cropping images (None = all cores)", allow_none=True),
+    "data.num_classes": count(1, "classes of a dataset read from files (None = from the files)", allow_none=True),
     # Model.
     "model.hidden_sizes": count(1, "units per hidden layer"),
     "model.channels": count(1, "channels of each convolutional stage (small_cnn)"),
@@ -132,12 +133,18 @@ RULES: dict[str, Range] = {
     # Loss.
     "loss.temperature": positive("the loss temperature t in z / t"),
     "loss.prior_smoothing": non_negative("pseudo-count added to every class for the noise prior"),
+    "loss.noise_probs": positive("the explicit noise prior eta of noise_prior='explicit'; None = off", allow_none=True),
     # Soft targets.
     "augment.label_smoothing": fraction_below_one("label smoothing epsilon"),
     "augment.mixup_alpha": non_negative("Beta(alpha, alpha) of MixUp; 0 = off"),
     "augment.cutmix_alpha": non_negative("Beta(alpha, alpha) of CutMix; 0 = off"),
     "augment.mix_prob": probability("probability that a batch is mixed"),
     "augment.switch_prob": probability("probability of CutMix instead of MixUp"),
+    "augment.cutmix_minmax": probability("CutMix box side fractions (lo, hi) of H and W; None = off", allow_none=True),
+    # Knowledge distillation (softnce.distill); the teacher model's own fields follow the model.* rules.
+    "distill.teacher_step": count(0, "the teacher's checkpoint step (None = its latest)", allow_none=True),
+    "distill.tau": positive("the teacher temperature tau in softmax(z_teacher / tau)"),
+    "distill.beta": probability("weight of the teacher's distribution in the targets"),
     # Optimiser.
     "optim.base_lr": positive("the peak learning rate per 256 examples"),
     "optim.min_lr": non_negative("the final learning rate of the cosine"),
@@ -148,6 +155,22 @@ RULES: dict[str, Range] = {
     "optim.grad_clip_norm": positive("global gradient-norm clip; None = off", allow_none=True),
     "optim.layer_decay": Range(0, 1, low_open=True, allow_none=True, meaning="layer-wise lr decay; None = off"),
 }
+
+
+# Sections whose numeric fields follow the rules of another section: the teacher's model config
+# (config.distill.teacher_model) is a model config like config.model.
+RULE_ALIASES: dict[str, str] = {"distill.teacher_model.": "model."}
+
+
+def rule_for(path: str, rules: Optional[dict[str, Range]] = None) -> Optional[Range]:
+    """The rule of ``path`` in ``rules`` (:data:`RULES`), through :data:`RULE_ALIASES`; ``None`` if it has none."""
+    rules = RULES if rules is None else rules
+    if path in rules:
+        return rules[path]
+    for prefix, target in RULE_ALIASES.items():
+        if path.startswith(prefix):
+            return rules.get(target + path[len(prefix):])
+    return None
 
 
 def numeric_leaves(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -161,7 +184,7 @@ def numeric_leaves(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             for entry in value:
                 if _is_number(entry):
                     yield path, entry
-        elif _is_number(value) or (value is None and path in RULES):
+        elif _is_number(value) or (value is None and rule_for(path) is not None):
             yield path, value
 
 
@@ -178,7 +201,7 @@ def check_config(config: ml_collections.ConfigDict, rules: Optional[dict[str, Ra
     """Raises :class:`ConfigError` (one line) at the first numeric field outside its valid range."""
     rules = RULES if rules is None else rules
     for path, value in numeric_leaves(config):
-        rule = rules.get(path)
+        rule = rule_for(path, rules)
         if rule is None:
             raise ConfigError(
                 f"config.{path} = {value!r} has no validity rule; add one to softnce.config_checks.RULES."

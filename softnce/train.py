@@ -290,7 +290,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "config.loss.noise_prior='explicit' and config.loss.noise_probs (the prior eta, one probability per "
             f"class) go together; got noise_prior={config.loss.noise_prior!r}, noise_probs={noise_probs!r}."
         )
-    distill.check_config(config)
+    distill.check_config(config, files=False)  # the teacher's files: when training starts (set_up)
 
 
 NOISE_PRIORS = ("class_prior", "uniform", "target_mean", "explicit")
@@ -759,6 +759,8 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
                 if save_now:
                     checkpointing.save(run.manager, step, run.state, checkpoint_metadata.for_step(metadata, step))
                     run.last_saved = step
+                if validate_now:  # before a stop, so that a resumed run's curve has this step
+                    _evaluate_validation(run, step, curve)
                 if preempted and not is_last:
                     run.manager.wait_until_finished()
                     _print_chief(run.is_chief, f"stopped at step {step} (preempted or stop_at_step); saved to "
@@ -768,8 +770,6 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
                 if evaluate_now and evaluate_test:
                     summary, sums = _evaluate_test(run)
                     _print_eval(run, step, summary)
-                if validate_now:
-                    _evaluate_validation(run, step, curve)
         in_flight.drain()
         with watchdog.paused():
             run.manager.wait_until_finished()

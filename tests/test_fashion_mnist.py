@@ -183,6 +183,24 @@ def test_dataset_splits_and_normalisation(prepared):
     assert sum(b["mask"].sum() for b in batches) == 12
 
 
+def test_training_subset_and_input_augmentation_options(prepared):
+    from softnce.data import array_augment
+
+    data_dir, _ = prepared
+    full = fm.make_fashion_mnist_dataset(fm_config(data_dir), process_index=0, process_count=1)
+    assert full.device_train_transform is None  # off by default
+    config = fm_config(data_dir)
+    config.update(dict(num_train_examples=50, random_crop_padding=4, random_flip=True))
+    ds = fm.make_fashion_mnist_dataset(config, process_index=0, process_count=1)
+    # The first 50 training images; the validation and test splits are unchanged.
+    np.testing.assert_array_equal(ds.train_inputs, full.train_inputs[:50])
+    assert (ds.num_train_examples, ds.num_validation_examples, ds.num_eval_examples) == (50, 12, 40)
+    np.testing.assert_array_equal(ds.val_inputs, full.val_inputs)
+    assert ds.train_label_counts().sum() == 50
+    black = (0 - 0.2860) / 0.3530  # the padding is a black pixel, normalised
+    assert ds.device_train_transform == array_augment.CropFlip(padding=4, flip=True, fill=pytest.approx(black))
+
+
 def test_small_cnn_shapes_and_parameter_count():
     model = SmallCNN(num_classes=10, channels=(32, 64), convs_per_stage=2, hidden=128)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)["params"]
@@ -272,6 +290,40 @@ def test_comparison_script_end_to_end(prepared, tmp_path):
     assert "1 runs trained" in (out / "table.md").read_text()
 
 
+def test_fair_comparison_quick_end_to_end(prepared, tmp_path):
+    from softnce.experiments import fair_comparison
+
+    data_dir, _ = prepared
+    out = tmp_path / "fair"
+    sets = ["data.batch_size=32", "data.eval_batch_size=16", "model.channels=(4, 8)", "model.hidden=16"]
+    losses = ["nll", "soft_target_cross_entropy", "soft_target_infonce"]
+    summary = fair_comparison.main(["--quick", "--losses", ",".join(losses), "--data_dir", data_dir, "--out", str(out),
+                                    *[arg for s in sets for arg in ("--set", s)]])
+    # Selection: 2 learning rates per loss, times 2 temperatures for STI, on validation only.
+    selection = json.load(open(out / "selection" / "results.json"))["results"]
+    assert [len(selection[loss]["metrics"]) for loss in losses] == [2, 2, 4]
+    for runs in selection.values():
+        for r in runs["metrics"]:
+            assert "top1" not in r and "top1" in r["validation"] and r["seed"] == 0
+            assert not (out / "selection" / r["workdir"] / "metrics.json").exists()  # the test split never read
+    chosen = summary["selection"]["chosen"]
+    assert set(chosen["soft_target_infonce"]["params"]) == {"optim.base_lr", "loss.temperature"}
+    # The final runs: each loss at its chosen values on seed 1, with test metrics raw and at t*.
+    final = json.load(open(out / "final" / "results.json"))["results"]
+    for loss in losses:
+        (record,) = final[loss]["metrics"]
+        assert record["seed"] == 1 and {"top1", "nll_calibrated", "ece_calibrated"} <= set(record)
+        assert record["params"] == chosen[loss]["params"]
+    assert set(summary["paired"]) == {"nll", "soft_target_cross_entropy"}
+    assert summary["paired"]["nll"]["nll_calibrated"]["seeds"] == 1
+    assert set(summary["regime"]["settings"]["today's protocol"]) >= {"nll", "soft_target_cross_entropy"}
+    for name in ("report.md", "summary.json", "regime.png", "selection/sweep.png", "final/table.md",
+                 "final/reliability.png"):
+        assert (out / name).exists(), name
+    report = (out / "report.md").read_text()
+    assert "| soft_target_infonce minus |" in report and "NLL at t*" in report and "**yes**" in report
+
+
 def test_paired_table_against_hand_computed_values():
     results = {
         "soft_target_infonce": {"targets": "soft", "metrics": [
@@ -285,3 +337,38 @@ def test_paired_table_against_hand_computed_values():
     assert "| nll | +0.00 ± 1.41 (1/2) | -0.010 ± 0.057 (1/2) |" in table
     summary = comparison.metrics_table(results)
     assert "| soft_target_infonce | soft | 2 | 91.00 ± 1.41 | 0.290 ± 0.014 |" in summary
+
+
+def test_distillation_experiment_end_to_end(prepared, tmp_path):
+    """The teacher through the real trainer, then the students on its targets (tiny models, 2 steps each)."""
+    from softnce.experiments import distillation
+
+    data_dir, _ = prepared
+    out = tmp_path / "distill"
+    sets = ["data.batch_size=32", "data.eval_batch_size=16", "model.channels=(4, 8)", "model.hidden=16",
+            "optim.warmup_steps=1"]
+    teacher = ["model.channels=(8, 8)", "model.hidden=16"]
+    argv = ["--seeds", "1", "--steps", "2", "--teacher_steps", "2", "--tau", "2.0", "--data_dir", data_dir,
+            "--out", str(out),
+            *[arg for s in sets for arg in ("--set", s)], *[arg for s in teacher for arg in ("--teacher_set", s)]]
+    result = distillation.main(argv)
+    teacher_config = json.load(open(out / "teacher" / "config.json"))
+    assert teacher_config["loss"]["name"] == "nll" and teacher_config["model"]["convs_per_stage"] == 2
+    assert teacher_config["model"]["channels"] == [8, 8] and teacher_config["augment"]["mixup_alpha"] == 0.0
+    assert 0 <= result["teacher"]["metrics"]["top1"] <= 1 and result["teacher"]["wall_seconds"] > 0
+    runs = result["results"]
+    assert list(runs) == ["nll", "soft_target_cross_entropy", "soft_target_infonce", "soft_distribution_infonce"]
+    assert runs["nll"]["targets"] == "hard labels" and runs["soft_target_infonce"]["targets"] == "teacher at tau 2"
+    student = json.load(open(out / "soft_target_infonce_seed0" / "config.json"))
+    assert student["distill"]["teacher_workdir"] == str(out / "teacher") and student["distill"]["tau"] == 2.0
+    assert student["model"]["channels"] == [4, 8] and student["augment"]["mixup_alpha"] == 0.0
+    assert json.load(open(out / "nll_seed0" / "config.json"))["distill"]["teacher_workdir"] is None
+    summary = (out / "distillation.md").read_text()
+    assert "| student minus nll (hard labels) |" in summary and "| soft_target_infonce | " in summary
+    assert summary.count("(1/1)") + summary.count("(0/1)") == 3 * 5  # 3 distilled students x 5 metrics, 1 seed
+    assert "Run time: teacher" in summary and "NLL at t*" in summary
+    for name in ("reliability.png", "reliability_with_teacher.png", "table.md", "distillation.json"):
+        assert (out / name).exists(), name
+    # Running again keeps the finished teacher and students.
+    again = distillation.main(argv)
+    assert again["teacher"] == result["teacher"] and again["results"] == runs

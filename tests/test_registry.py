@@ -89,6 +89,7 @@ def user_module():
     yield module
     MODELS.unregister("user_linear")
     DATASETS.unregister("user_blobs")
+    DATASETS.unregister("user_soft_blobs")
     sys.modules.pop("user_registrations")
 
 
@@ -111,3 +112,22 @@ def test_a_user_model_without_layer_structure_has_none(user_module):
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, user_module.FEATURES)), train=False)["params"]
     assert set(params) == {"head"}
     assert optim.layer_structure(model) is None
+
+
+def test_a_user_dataset_with_given_soft_targets_trains_with_mixup(tmp_path, user_module):
+    """The user's dataset brings soft targets; MixUp mixes them (not one_hot(label)) in the trainer."""
+    config = small_config(**{"data.name": "user_soft_blobs", "optim.base_lr": 0.4, "augment.cutmix_alpha": 0.0,
+                             "augment.mixup_alpha": 0.8, "augment.mix_prob": 1.0, "augment.label_smoothing": 0.0,
+                             "loss.noise_prior": "target_mean"})
+    config.model = ml_collections.ConfigDict({"name": "user_linear"})
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(result["nll"]) and result["top1"] > 0.5  # 12 steps on mixed soft targets; chance is 0.25
+    dataset = get_dataset(config.data)
+    batch = next(dataset.train_batches(16, seed=0))
+    np.testing.assert_array_equal(batch["targets"], user_module.CONFUSION[batch["label"]].astype(np.float32))
+    mix_config = train.targets.MixConfig.from_config(config.augment)
+    inputs, made = train.make_targets(jax.random.PRNGKey(1), batch, num_classes=4, mix_config=mix_config)
+    lam = float((inputs[0] - batch["inputs"][-1])[0] / (batch["inputs"][0] - batch["inputs"][-1])[0])  # batch mode
+    expected = lam * batch["targets"] + (1 - lam) * batch["targets"][::-1]
+    np.testing.assert_allclose(made.dense, expected, rtol=1e-4, atol=1e-5)
+    assert 0 < lam < 1 and not np.allclose(made.dense, np.eye(4)[batch["label"]])

@@ -262,3 +262,94 @@ def test_per_device_mixing_under_shard_map():
             )
             assert is_mixup or is_cutmix, (d, i)
     assert len(set(np.round(t.structured.weights[:, 0], 6))) > 8  # devices draw different lambdas
+
+
+# --------------------------------------------------------------------------------------------------
+# timm's cutmix_minmax and correct_lam; soft targets given with the data.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cutmix_minmax_forces_alpha_one_and_is_checked():
+    cfg = T.MixConfig(cutmix_alpha=0.0, cutmix_minmax=[0.2, 0.8], correct_lam=False)  # a list, as JSON gives it
+    assert cfg.cutmix_alpha == 1.0 and cfg.cutmix_minmax == (0.2, 0.8) and cfg.mixing  # timm: alpha forced to 1
+    assert hash(cfg) == hash(T.MixConfig(cutmix_alpha=1.0, cutmix_minmax=(0.2, 0.8), correct_lam=False))
+    with pytest.raises(ValueError, match=r"lo < hi"):
+        T.MixConfig(cutmix_minmax=(0.5, 0.5))
+    with pytest.raises(ValueError, match=r"cutmix_minmax must be \(lo, hi\)"):
+        T.MixConfig(cutmix_minmax=(0.1, 0.2, 0.3))
+    with pytest.raises(ValueError, match=r"augment.cutmix_minmax = 1.5 is out of range"):
+        T.MixConfig(cutmix_minmax=(0.1, 1.5))
+
+
+def test_cutmix_minmax_boxes_against_rand_bbox_minmax_with_the_same_draws():
+    """apply_mix with given (corner, side) draws: the numpy box of timm's rand_bbox_minmax, lam = kept area."""
+    n, h, w = 6, 7, 5
+    x, y = _images(n, h, w), jnp.arange(n)
+    top, left = jnp.array([0, 3, 1, 0, 5, 2]), jnp.array([0, 1, 2, 3, 0, 1])
+    cut_h, cut_w = jnp.array([2, 4, 3, 7, 1, 5]), jnp.array([1, 4, 3, 2, 5, 0])
+    cfg = T.MixConfig(cutmix_minmax=(0.1, 0.9), mode="elem", correct_lam=False)  # correct_lam forced on anyway
+    params = T.MixParams(jnp.full(n, 0.9), jnp.ones(n, bool), top, left, cut_h, cut_w)
+    mixed, t = _jit_apply(x, y, params, num_classes=n, config=cfg)
+    xn, expected, lam_ref = np.asarray(x), np.array(x), np.zeros(n)
+    for i in range(n):
+        yl, xl = int(top[i]), int(left[i])
+        yu, xu = yl + int(cut_h[i]), xl + int(cut_w[i])  # rand_bbox_minmax: yu = yl + cut_h, no clipping
+        expected[i, yl:yu, xl:xu] = xn[n - 1 - i, yl:yu, xl:xu]
+        lam_ref[i] = 1 - (yu - yl) * (xu - xl) / (h * w)
+    np.testing.assert_array_equal(mixed, expected)
+    onehot = np.eye(n)
+    np.testing.assert_allclose(t.dense, lam_ref[:, None] * onehot + (1 - lam_ref[:, None]) * onehot[::-1], atol=1e-6)
+
+
+def test_cutmix_minmax_draws_sides_uniformly_in_the_range_and_boxes_inside_the_image():
+    """mix_batch's draws: sides uniform over [floor(H lo), floor(H hi)) (numpy randint's range), the box
+    inside the image with a uniform corner, the partner's pixels exactly in it, lam the kept area."""
+    n, h, w, lo, hi = 512, 10, 16, 0.2, 0.7
+    x, y = _images(n, h, w, c=1, seed=4), jnp.arange(n) % 7
+    mixed, t = _mix(9, x, y, 7, cutmix_minmax=(lo, hi), mode="elem", structured=True)
+    partner = np.isclose(np.asarray(mixed), np.asarray(x)[::-1]).all(-1)  # [n, H, W]
+    own = np.isclose(np.asarray(mixed), np.asarray(x)).all(-1)
+    assert (partner | own).all()  # CutMix only (mixup_alpha = 0): every pixel is copied
+    rows, cols = partner.any(2), partner.any(1)
+    sides_h, sides_w = rows.sum(1), cols.sum(1)
+    # The partner's pixels form one full rectangle of those sides.
+    np.testing.assert_array_equal(partner.sum((1, 2)), sides_h * sides_w)
+    assert set(sides_h.tolist()) == set(range(int(h * lo), int(h * hi)))  # {2, ..., 6}
+    assert set(sides_w.tolist()) == set(range(int(w * lo), int(w * hi)))  # {3, ..., 11}
+    counts = np.bincount(sides_h)[int(h * lo):]
+    assert counts.min() > 0.6 * n / len(counts)  # roughly uniform (about 102 each)
+    first_row = np.argmax(rows, axis=1)
+    # timm draws the corner with numpy's randint(0, H - cut_h), whose upper end is excluded: the box
+    # starts on the first row for some draws but never reaches the last one.
+    assert first_row.min() == 0 and (first_row + sides_h).max() == h - 1
+    lam = np.asarray(t.structured.weights[:, 0])
+    np.testing.assert_allclose(lam, 1 - sides_h * sides_w / (h * w), atol=1e-6)  # corrected (forced)
+
+
+def test_correct_lam_false_keeps_the_drawn_lambda_for_clipped_boxes():
+    x, y = _images(2, 10, 10), jnp.array([0, 1])
+    params = _params(0.0, use_cutmix=True, cy=0, cx=0, n=2)  # cut 10 around (0, 0): clipped to [0, 5) x [0, 5)
+    for correct_lam, lam in ((True, 0.75), (False, 0.0)):  # timm: 1 - 25 / 100 vs the drawn lambda
+        cfg = T.MixConfig(cutmix_alpha=1.0, correct_lam=correct_lam, structured=True)
+        mixed, t = _jit_apply(x, y, params, num_classes=2, config=cfg)
+        np.testing.assert_array_equal(np.asarray(mixed)[0, :5, :5], np.asarray(x)[1, :5, :5])
+        np.testing.assert_array_equal(np.asarray(mixed)[0, 5:], np.asarray(x)[0, 5:])
+        np.testing.assert_allclose(t.dense[0], [lam, 1 - lam], atol=1e-6)
+        np.testing.assert_allclose(T.to_dense(t.structured, 2), t.dense, atol=1e-6)
+
+
+def test_given_soft_targets_are_smoothed_then_mixed_like_one_hots():
+    x, y = _images(), jnp.array([0, 2, 1, 3, 3, 0])
+    soft = jax.nn.softmax(jax.random.normal(jax.random.key(7), (6, 4)), axis=-1)
+    cfg = T.MixConfig(label_smoothing=0.1, mixup_alpha=1.0, structured=True)
+    mixed, t = _jit_apply(x, y, _params(0.7, n=6), num_classes=4, config=cfg, soft_targets=soft)
+    smooth = 0.9 * np.asarray(soft, np.float64) + 0.1 / 4
+    np.testing.assert_allclose(t.dense, 0.7 * smooth + 0.3 * smooth[::-1], rtol=1e-5)
+    np.testing.assert_allclose(mixed, 0.7 * np.asarray(x) + 0.3 * np.asarray(x)[::-1], rtol=1e-5, atol=1e-6)
+    assert t.structured is None  # arbitrary soft targets have no structured form
+    np.testing.assert_array_equal(t.labels, y)
+    # No mixing and no smoothing: the given targets themselves; shape errors name the expected shape.
+    _, t0 = T.mix_batch(jax.random.key(0), x, y, num_classes=4, config=T.MixConfig(), soft_targets=soft)
+    np.testing.assert_array_equal(t0.dense, soft)
+    with pytest.raises(ValueError, match=r"soft_targets must be \[N, C\] = \(6, 4\)"):
+        T.mix_batch(jax.random.key(0), x, y, num_classes=4, config=T.MixConfig(), soft_targets=soft[:, :3])

@@ -1,7 +1,8 @@
 """A user's module outside the package: registers its own model and dataset (tests/test_registry.py).
 
 It is what ``python -m softnce.main --import_modules=user_registrations`` would import: importing it
-makes ``config.model.name = 'user_linear'`` and ``config.data.name = 'user_blobs'`` valid.
+makes ``config.model.name = 'user_linear'`` and ``config.data.name = 'user_blobs'`` (and
+``'user_soft_blobs'``, the blobs with soft targets given with the data) valid.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import flax.linen as nn
 import numpy as np
 
 from softnce.data import register_dataset
-from softnce.data.arrays import ArrayDataset, carve_validation
+from softnce.data.arrays import ArrayDataset, carve_validation, held_out_mask
 from softnce.models import register_model
 
 NUM_CLASSES = 4
@@ -52,4 +53,21 @@ def make_blobs_dataset(config, *, process_index: int, process_count: int) -> Arr
     return ArrayDataset(
         x, y, x_test, y_test, num_classes=NUM_CLASSES, validation=(x_val, y_val),
         process_index=process_index, process_count=process_count,
+    )
+
+
+# Soft targets given with the data: annotators who call class k "k" 70% of the time and "k + 1" 30%.
+CONFUSION = 0.7 * np.eye(NUM_CLASSES) + 0.3 * np.roll(np.eye(NUM_CLASSES), 1, axis=1)
+
+
+@register_dataset("user_soft_blobs")
+def make_soft_blobs_dataset(config, *, process_index: int, process_count: int) -> ArrayDataset:
+    CALLS.append(("user_soft_blobs", dict(name=config.name)))
+    rng = np.random.default_rng(1)
+    x, y = blobs(rng, 640)
+    x_test, y_test = blobs(rng, 160)
+    held_out = held_out_mask(len(y), config.validation_fraction, config.validation_seed)
+    return ArrayDataset(
+        x[~held_out], y[~held_out], x_test, y_test, num_classes=NUM_CLASSES, train_targets=CONFUSION[y[~held_out]],
+        validation=(x[held_out], y[held_out]), process_index=process_index, process_count=process_count,
     )

@@ -24,7 +24,9 @@ class ArrayDataset(Dataset):
       eval_inputs, eval_labels: the held-out split.
       num_classes: ``C``.
       train_targets: optional soft targets ``[n, C]`` given with the data (e.g. annotator votes);
-        batches then carry ``targets`` and the trainer uses them instead of ``one_hot(label)``.
+        batches then carry ``targets`` and the trainer uses them instead of ``one_hot(label)``
+        (smoothed and mixed as ``config.augment`` says). Every row must be a distribution: the first
+        one that is not is named in a ``ValueError`` here, before training.
       validation: optional ``(inputs, labels)`` held out from training (see :func:`carve_validation`),
         served by :meth:`validation_batches`.
     """
@@ -54,6 +56,8 @@ class ArrayDataset(Dataset):
                 f"train_targets must have shape [n, C] = {(len(self.train_labels), num_classes)}, "
                 f"got {self.train_targets.shape}."
             )
+        if self.train_targets is not None:
+            check_targets(self.train_targets, "train_targets")
         self.num_classes = num_classes
         self.example_shape = tuple(self.train_inputs.shape[1:])
         self.num_train_examples = len(self.train_labels)
@@ -72,6 +76,9 @@ class ArrayDataset(Dataset):
 
     def train_label_counts(self) -> np.ndarray:
         return np.bincount(self.train_labels, minlength=self.num_classes)
+
+    def train_target_sums(self) -> Optional[np.ndarray]:
+        return None if self.train_targets is None else self.train_targets.sum(axis=0, dtype=np.float64)
 
     def _process_slice(self, global_size: int) -> slice:
         share = global_size // self.process_count
@@ -105,17 +112,33 @@ class ArrayDataset(Dataset):
             yield {"inputs": inputs[rows], "label": labels[rows], "mask": valid}
 
 
+def check_targets(targets, what: str = "targets") -> None:
+    """Raises ``ValueError`` naming ``what`` and the first row of ``targets [n, C]`` that is not a distribution."""
+    from softnce import losses  # the light core's check (jax-free at call time)
+
+    try:
+        losses.validate_targets(targets)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from None
+
+
+def held_out_mask(num_examples: int, fraction: float, seed: int) -> np.ndarray:
+    """Boolean ``[n]``: the ``round(fraction * n)`` examples drawn with ``seed`` for validation."""
+    config_checks.check_field("data.validation_fraction", fraction)
+    held_out = np.zeros(num_examples, bool)
+    held_out[np.random.default_rng(seed).permutation(num_examples)[: int(round(fraction * num_examples))]] = True
+    return held_out
+
+
 def carve_validation(inputs, labels, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
     """Splits ``round(fraction * n)`` random examples (drawn with ``seed``) off a training set.
 
     Returns ``(train_inputs, train_labels, val_inputs, val_labels)``; both parts keep the original
-    order. ``fraction = 0`` returns the data unchanged and an empty validation part.
+    order. ``fraction = 0`` returns the data unchanged and an empty validation part. The split is
+    :func:`held_out_mask` (apply it to soft targets given with the data to split them alike).
     """
-    config_checks.check_field("data.validation_fraction", fraction)
     inputs, labels = np.asarray(inputs), np.asarray(labels)
-    num_val = int(round(fraction * len(labels)))
-    held_out = np.zeros(len(labels), bool)
-    held_out[np.random.default_rng(seed).permutation(len(labels))[:num_val]] = True
+    held_out = held_out_mask(len(labels), fraction, seed)
     return inputs[~held_out], labels[~held_out], inputs[held_out], labels[held_out]
 
 
