@@ -11,7 +11,8 @@ holds out part of the training split, fits one temperature on it at the end and 
 split at t = 1 and at the fitted t*.
 
 Every run is the real trainer (``softnce.train.train_and_evaluate``) on a config built by the
-caller's ``make_config(loss, seed)``. Runs go seed by seed (all losses of seed 0, then of seed 1,
+caller's ``make_config(loss, seed)``, through the sweep runner (:mod:`softnce.experiments.sweep`,
+one point per loss). Runs go seed by seed (all losses of seed 0, then of seed 1,
 ...), so a grid stopped early still holds complete, paired seeds. Running again with the same
 ``out`` continues it: runs that finished (recorded in ``results.json`` and with a final
 ``metrics.json``) are kept as they are, an interrupted run resumes from its checkpoint, and a
@@ -34,7 +35,6 @@ import argparse
 import ast
 import json
 import os
-import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -53,11 +53,18 @@ METRICS = (
 
 
 def targets_description(config) -> str:
-    """How the run's training targets are made, from ``config.augment``."""
+    """How the run's training targets are made, from ``config.augment`` (and ``config.distill``)."""
     a = config.augment
-    if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
-        return f"smoothing {a.label_smoothing:g} + MixUp/CutMix"
-    return f"smoothing {a.label_smoothing:g}" if a.label_smoothing > 0 else "hard labels"
+    mixing = a.mixup_alpha > 0 or a.cutmix_alpha > 0
+    if mixing:
+        recipe = f"smoothing {a.label_smoothing:g} + MixUp/CutMix"
+    else:
+        recipe = f"smoothing {a.label_smoothing:g}" if a.label_smoothing > 0 else "hard labels"
+    d = config.get("distill")
+    if d is None or not (d.get("teacher_workdir") or d.get("teacher_params")):
+        return recipe
+    teacher = f"teacher at tau {d.tau:g}" + (" on MixUp/CutMix inputs" if mixing else "")
+    return teacher if d.beta == 1 else f"{1 - d.beta:g} ({recipe}) + {d.beta:g} {teacher}"
 
 
 def _values(runs: list[dict], key: str, scale: float) -> Optional[np.ndarray]:
@@ -118,9 +125,39 @@ def paired_table(results: dict, reference: str = REFERENCE_LOSS) -> str:
     return "\n".join(lines)
 
 
-def _format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+def pooled_reliability(results: dict, out: str) -> tuple[dict, dict]:
+    """``({loss: test-set calibration-bin sums pooled over its runs}, {loss: the same at t*})`` from the
+    runs' ``eval_sums.json`` / ``eval_sums_calibrated.json`` (run records with a ``workdir`` in ``out``)."""
+    from softnce import evaluation
+
+    sums, calibrated_sums = {}, {}
+    for loss, runs in results.items():
+        for record in runs["metrics"]:
+            for store, name in ((sums, "eval_sums.json"), (calibrated_sums, "eval_sums_calibrated.json")):
+                path = os.path.join(out, record.get("workdir", f"{loss}_seed{record['seed']}"), name)
+                if os.path.exists(path):
+                    with open(path) as f:
+                        store[loss] = evaluation.add_sums(store.get(loss), json.load(f))
+    return sums, calibrated_sums
+
+
+def plot_reliability(results: dict, out: str, title: str, seeds: int) -> None:
+    """``reliability.png`` (t = 1) and, when every loss has its sums at t*, ``reliability_calibrated.png``."""
+    from softnce import evaluation
+
+    sums, calibrated_sums = pooled_reliability(results, out)
+    if sums:
+        evaluation.plot_reliability_diagram(
+            sums, os.path.join(out, "reliability.png"), title=f"{title}, t = 1, {seeds} seeds pooled")
+    if calibrated_sums and len(calibrated_sums) == len(results):
+        evaluation.plot_reliability_diagram(
+            calibrated_sums, os.path.join(out, "reliability_calibrated.png"),
+            title=f"{title}, at the fitted t*, {seeds} seeds pooled")
+
+
+def comparison_tables(results: dict, reference: str = REFERENCE_LOSS) -> str:
+    """:func:`metrics_table` and :func:`paired_table` of ``results``."""
+    return metrics_table(results) + "\n\n" + paired_table(results, reference)
 
 
 def run_grid(
@@ -134,6 +171,9 @@ def run_grid(
 ) -> dict:
     """Trains every ``(seed, loss)`` with the real trainer; writes and returns the results.
 
+    A sweep (:func:`softnce.experiments.sweep.run_sweep`) of one point per loss, with the test split
+    evaluated; ``table.md`` holds :func:`metrics_table` and :func:`paired_table`.
+
     Args:
       make_config: ``(loss, seed) -> ml_collections.ConfigDict`` of one run.
       losses: registered loss names (table order).
@@ -145,94 +185,27 @@ def run_grid(
       ``{'results': {loss: {'targets', 'metrics': [metrics.json + seed, wall_seconds]}},
       'wall_seconds' (this invocation), 'run_seconds' (the sum over all runs), 'tables'}``.
     """
-    from softnce import evaluation, train
+    from softnce.experiments import sweep
 
-    os.makedirs(out, exist_ok=True)
-    finished = _finished_runs(out)
-    results = {loss: {"targets": targets_description(make_config(loss, 0)), "metrics": []} for loss in losses}
-    sums, calibrated_sums = {}, {}
-    start, total, done, trained = time.time(), len(losses) * seeds, 0, 0
-    for seed in range(seeds):
-        for loss in losses:
-            workdir = os.path.join(out, f"{loss}_seed{seed}")
-            config = make_config(loss, seed)
-            record = finished.get((loss, seed))
-            if record is not None and _metrics_step(workdir) == config.num_train_steps:
-                status = "done before"  # a finished run of an earlier invocation: kept as it was
-            else:
-                run_start = time.time()
-                metrics = train.train_and_evaluate(config, workdir)
-                record = dict(metrics, seed=seed, wall_seconds=time.time() - run_start)
-                trained += 1
-                status = f"run {_format_seconds(record['wall_seconds'])}"
-            results[loss]["metrics"].append(record)
-            for store, name in ((sums, "eval_sums.json"), (calibrated_sums, "eval_sums_calibrated.json")):
-                path = os.path.join(workdir, name)
-                if os.path.exists(path):
-                    with open(path) as f:
-                        store[loss] = evaluation.add_sums(store.get(loss), json.load(f))
-            done += 1
-            elapsed = time.time() - start
-            eta = elapsed / trained * (total - done) if trained else float("nan")
-            shown = ", ".join(f"{k} {record[k]:.4f}" for k in ("top1", "nll", "ece", "temperature", "ece_calibrated")
-                              if k in record)
-            log(f"[{done}/{total}] seed {seed} {loss}: {shown} | {status}, elapsed {_format_seconds(elapsed)}, "
-                f"ETA {_format_seconds(eta) if trained else '?'}")
-            _write_json(os.path.join(out, "results.json"),
-                        {"results": results, "wall_seconds": elapsed, "complete": done == total})
-    wall = time.time() - start
-    run_seconds = sum(r["wall_seconds"] for runs in results.values() for r in runs["metrics"])
-    tables = metrics_table(results) + "\n\n" + paired_table(results)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(
-            tables + f"\n\n{len(losses)} losses x {seeds} seeds; sum of the run times {_format_seconds(run_seconds)}"
-            f" ({run_seconds:.0f} s); this invocation {_format_seconds(wall)} ({trained} runs trained).\n"
+    def table(result: dict) -> str:
+        run_seconds, wall = result["run_seconds"], result["wall_seconds"]
+        return (
+            comparison_tables(result["results"]) + f"\n\n{len(losses)} losses x {seeds} seeds; sum of the run times "
+            f"{sweep.format_seconds(run_seconds)} ({run_seconds:.0f} s); this invocation "
+            f"{sweep.format_seconds(wall)} ({result['trained']} runs trained)."
         )
-    _write_json(
-        os.path.join(out, "results.json"),
-        {"results": results, "wall_seconds": wall, "run_seconds": run_seconds, "complete": True},
-    )
-    evaluation.plot_reliability_diagram(
-        sums, os.path.join(out, "reliability.png"), title=f"{title}, t = 1, {seeds} seeds pooled"
-    )
-    if len(calibrated_sums) == len(losses):
-        evaluation.plot_reliability_diagram(
-            calibrated_sums,
-            os.path.join(out, "reliability_calibrated.png"),
-            title=f"{title}, at the fitted t*, {seeds} seeds pooled",
-        )
+
+    result = sweep.run_sweep(make_config, {loss: {} for loss in losses}, seeds=range(seeds), out=out,
+                             evaluate_test=True, describe=targets_description, table=table, title=title, log=log)
+    results, wall, run_seconds = result["results"], result["wall_seconds"], result["run_seconds"]
+    plot_reliability(results, out, title, seeds)
+    tables = comparison_tables(results)
     log(tables)
     log(
-        f"this invocation {_format_seconds(wall)}, sum of the run times {_format_seconds(run_seconds)}; "
+        f"this invocation {sweep.format_seconds(wall)}, sum of the run times {sweep.format_seconds(run_seconds)}; "
         f"wrote {out}/table.md, results.json, reliability.png"
     )
     return {"results": results, "wall_seconds": wall, "run_seconds": run_seconds, "tables": tables}
-
-
-def _finished_runs(out: str) -> dict:
-    """``{(loss, seed): record}`` from an earlier invocation's ``results.json`` in ``out`` (or empty)."""
-    path = os.path.join(out, "results.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        saved = json.load(f)["results"]
-    return {(loss, r["seed"]): r for loss, runs in saved.items() for r in runs["metrics"]}
-
-
-def _metrics_step(workdir: str) -> Optional[int]:
-    """The step of ``workdir/metrics.json`` (written when a run finishes), or ``None``."""
-    path = os.path.join(workdir, "metrics.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("step")
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,295 @@
+"""A fair test of the paper's claim on Fashion-MNIST: each loss tuned on validation, where soft targets pay off.
+
+    python -m softnce.data.fashion_mnist                                  # once: prepare the data
+    python experiments/fair_comparison.py --out runs/fair_comparison       # the protocol (about 45 min, 2 cores)
+    python experiments/fair_comparison.py --quick --out runs/fair_quick    # the whole pipeline in about 2 minutes
+
+The regime (:data:`SETTINGS` ``'full'``): the small CNN of ``configs/fashion_mnist.py`` trained on the
+first 10,000 of the 54,000 training images left after the validation split, for 3,000 steps of batch
+128 (38 epochs), with no input augmentation: there NLL overfits (its validation NLL rises from 0.35
+at step 500 to 0.53) and soft-target CE with label smoothing 0.1 + MixUp 0.8 / CutMix 1.0 beats it on
+validation (89.4% against 87.9% at today's learning rate, seed 0), while in today's protocol (all
+54,000 images, 2,000 steps) it does not. Random crop (padding 4) + flip for every loss was tried and
+lowers both (88.3% NLL, 87.0% soft CE at 4,000 steps on all the data): the small CNN underfits it.
+The validation split is the same 6,000 held-out images in every run; the test split is the official 10,000.
+
+Phases, each a sweep (:mod:`softnce.experiments.sweep`) in its own folder of ``--out``, all resumable
+(running the same command again keeps every finished run):
+
+1. ``regime/``: today's protocol for NLL and soft CE at today's learning rate, with validation
+   curves; with the selection runs of the regime at today's learning rate, ``regime.png`` (validation
+   top-1 against steps, both settings) and ``summary.json['regime']``.
+2. ``selection/`` (selection seed 0, validation only: these runs never read the test split): for
+   each loss the learning rate ``optim.base_lr`` from ``2e-3 * 4^k``, ``k = -2..2`` (1.25e-4 to
+   3.2e-2, 16x on both sides of today's 2e-3), widened by 4x while the choice lies at an edge; for
+   STI and InfoNCE also ``loss.temperature`` in {0.5, 1, 2}. Chosen by validation top-1, ties by
+   validation NLL (:class:`~softnce.experiments.sweep.SelectionRule`). ``sweep.png``: validation
+   top-1 against the learning rate.
+3. ``final/``: every loss at its chosen values on seeds 1, 2, 3; each run reads the test split once,
+   at its end (test top-1, NLL, ECE at the training temperature and at the validation-fitted t*).
+4. ``report.md`` and ``summary.json`` in ``--out``: the regime, the choices, the test table (mean ±
+   std over the seeds) and STI's paired differences against every loss (mean ± std of the per-seed
+   differences, wins out of the seeds), raw and post-hoc calibrated.
+
+Budget: 2 + 45 (+ widening) + 15 runs, 184,000 steps; at ~100 steps/s of the small CNN on 2 quiet
+cores and ~10 s of start-up and evaluation per run, about 40 minutes, plus about 38 s per run that
+widening adds (:func:`estimate_seconds`; the first line of the output says it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from softnce.experiments import comparison, sweep
+
+TODAY_LR = 2e-3  # configs/base.py's optim.base_lr: the one learning rate of the earlier tables
+TEMPERATURE_LOSSES = ("soft_target_infonce", "infonce")  # the losses with the reference's --t
+HARD, SOFT = "nll", "soft_target_cross_entropy"  # the regime's pair
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One size of the protocol."""
+
+    steps: int  # training steps of every regime run (selection and final)
+    num_train_examples: Optional[int]  # the regime's training subset (None: all 54,000)
+    random_crop_padding: int  # input augmentation of the regime (0 / False: none)
+    random_flip: bool
+    base_lrs: tuple[float, ...]  # the learning-rate grid (optim.base_lr)
+    temperatures: tuple[float, ...]  # the t grid of TEMPERATURE_LOSSES
+    widen_factor: float  # the next learning rate beyond an edge: edge * factor or edge / factor
+    max_widenings: int
+    selection_seed: int
+    seeds: tuple[int, ...]  # the seeds of the final runs
+    validation_every_steps: int  # the learning curves' resolution
+    baseline_steps: int  # today's protocol (all data, no input augmentation) for the regime figure
+    overrides: tuple[tuple[str, Any], ...] = ()  # further config fields of every run
+
+
+SETTINGS = {
+    "full": Setting(
+        steps=3000, num_train_examples=10000, random_crop_padding=0, random_flip=False,
+        base_lrs=tuple(TODAY_LR * 4.0**k for k in range(-2, 3)), temperatures=(0.5, 1.0, 2.0), widen_factor=4.0,
+        max_widenings=2, selection_seed=0, seeds=(1, 2, 3), validation_every_steps=250, baseline_steps=2000,
+    ),
+    # The whole pipeline on a smaller grid, a smaller model and a few steps (a check, not a result).
+    "quick": Setting(
+        steps=40, num_train_examples=10000, random_crop_padding=0, random_flip=False, base_lrs=(TODAY_LR, 4 * TODAY_LR),
+        temperatures=(1.0, 2.0), widen_factor=4.0, max_widenings=0, selection_seed=0, seeds=(1,),
+        validation_every_steps=20, baseline_steps=20,
+        overrides=(("model.channels", (8, 16)), ("model.hidden", 32), ("optim.warmup_steps", 5)),
+    ),
+}
+
+
+def grid(setting: Setting, losses: Sequence[str]) -> sweep.Grid:
+    """The selection grid: the learning rates for every loss, and the temperatures for :data:`TEMPERATURE_LOSSES`."""
+    return {loss: {"optim.base_lr": list(setting.base_lrs),
+                   **({"loss.temperature": list(setting.temperatures)} if loss in TEMPERATURE_LOSSES else {})}
+            for loss in losses}
+
+
+def estimate_seconds(setting: Setting, losses: Sequence[str], *, steps_per_second: float = 100.0,
+                     overhead_seconds: float = 10.0) -> dict:
+    """Runs, steps and the estimated time of the protocol before widening (from a measured step rate)."""
+    selection = sum(len(sweep.points(fields)) for fields in grid(setting, losses).values())
+    runs = {"regime": 2, "selection": selection, "final": len(losses) * len(setting.seeds)}
+    steps = 2 * setting.baseline_steps + (selection + runs["final"]) * setting.steps
+    seconds = steps / steps_per_second + sum(runs.values()) * overhead_seconds
+    return {"runs": runs, "steps": steps, "seconds": seconds, "steps_per_second": steps_per_second,
+            "widening_run_seconds": setting.steps / steps_per_second + overhead_seconds}
+
+
+def make_config_fn(setting: Setting, *, data_dir: Optional[str], overrides: dict, regime: bool = True,
+                   steps: Optional[int] = None) -> Callable[[str, int], Any]:
+    """``(loss, seed) -> config``: ``configs/fashion_mnist.py`` in the regime (``regime=False``: today's
+    protocol, all data and no input augmentation) with the setting's and the command line's overrides."""
+    from softnce.configs import fashion_mnist
+
+    def make_config(loss: str, seed: int):
+        config = fashion_mnist.get_config(f"loss={loss},seed={seed},steps={steps or setting.steps}")
+        config.data.data_dir = data_dir
+        if regime:
+            config.data.update(num_train_examples=setting.num_train_examples,
+                               random_crop_padding=setting.random_crop_padding, random_flip=setting.random_flip)
+        config.update_from_flattened_dict(dict(setting.overrides))
+        config.update_from_flattened_dict(overrides)
+        return config
+
+    return make_config
+
+
+def regime_summary(baseline: dict, selection: dict, out: str, setting: Setting) -> dict:
+    """Validation top-1 of NLL and soft CE at today's learning rate in today's protocol and in the regime
+    (final and best along the curve), their difference, and the same at each loss's chosen values."""
+    def at(result, folder, loss, params):
+        record = next(r for r in result["results"][loss]["metrics"] if r["params"] == params)
+        curve = sweep.read_curve(os.path.join(out, folder, record["workdir"])) or []
+        validation = record.get("validation") or {}
+        return {"params": params, "final_top1": validation.get("top1"), "final_nll": validation.get("nll"),
+                "best_top1": max((p["top1"] for p in curve), default=None),
+                "curve": [(p["step"], p["top1"]) for p in curve]}
+
+    today = {"optim.base_lr": TODAY_LR}
+    settings = {
+        "today's protocol": {loss: at(baseline, "regime", loss, {}) for loss in (HARD, SOFT)},
+        "regime, today's lr": {loss: at(selection, "selection", loss, today) for loss in (HARD, SOFT)
+                               if today["optim.base_lr"] in selection["grids"][loss]["optim.base_lr"]},
+        "regime, chosen lr": {loss: at(selection, "selection", loss, selection["selected"][loss]["params"])
+                              for loss in (HARD, SOFT)},
+    }
+    for numbers in settings.values():
+        if len(numbers) == 2 and None not in (numbers[HARD]["final_top1"], numbers[SOFT]["final_top1"]):
+            numbers["soft_minus_nll_top1"] = numbers[SOFT]["final_top1"] - numbers[HARD]["final_top1"]
+    plot = {name: {f"{loss} ({sweep.point_name(n['params']) or 'lr ' + format(TODAY_LR, 'g')})": n["curve"]
+                   for loss, n in numbers.items() if isinstance(n, dict) and n["curve"]}
+            for name, numbers in settings.items()}
+    figure = sweep.plot_curves({}, os.path.join(out, "regime.png"), panels=plot,
+                               title="Fashion-MNIST validation top-1: NLL against soft-target CE")
+    images = f"{setting.num_train_examples:,}" if setting.num_train_examples else "all 54,000"
+    description = (f"{images} training images, {setting.steps:,} steps, "
+                   f"crop padding {setting.random_crop_padding}, flip {setting.random_flip}")
+    return {"regime": description, "baseline": f"all 54,000 images, {setting.baseline_steps:,} steps, no crop/flip",
+            "figure": figure and os.path.basename(figure),
+            "settings": {name: {loss: ({k: v for k, v in n.items() if k != "curve"} if isinstance(n, dict) else n)
+                                for loss, n in numbers.items()} for name, numbers in settings.items()}}
+
+
+def paired_summary(results: dict, reference: str = comparison.REFERENCE_LOSS) -> dict:
+    """``{other loss: {metric: {mean, std, wins, seeds}}}`` of ``reference`` minus ``other`` (per-seed differences)."""
+    paired = {}
+    for other in results:
+        if other == reference or reference not in results:
+            continue
+        paired[other] = {}
+        for key, _, _, _, higher_better in comparison.METRICS:
+            d = comparison.paired_differences(results, reference, other, key) if higher_better is not None else None
+            if d is not None:
+                wins = int(np.sum(d > 0) if higher_better else np.sum(d < 0))
+                paired[other][key] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                                      "wins": wins, "seeds": len(d)}
+    return paired
+
+
+def final_summary(results: dict) -> dict:
+    """``{loss: {metric: {mean, std, values}}}`` of the final runs' test metrics."""
+    out = {}
+    for loss, runs in results.items():
+        out[loss] = {}
+        for key, *_ in comparison.METRICS:
+            values = [r[key] for r in runs["metrics"] if key in r]
+            if values:
+                out[loss][key] = {"mean": float(np.mean(values)),
+                                  "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "values": values}
+    return out
+
+
+def run(setting: Setting, *, out: str, losses: Sequence[str] = comparison.LOSSES, data_dir: Optional[str] = None,
+        overrides: Optional[dict] = None, log: Callable[[str], None] = print) -> dict:
+    """Runs the four phases (module docstring) into ``out``; returns the summary (also ``summary.json``)."""
+    if HARD not in losses or SOFT not in losses or comparison.REFERENCE_LOSS not in losses:
+        raise ValueError(f"losses must include {HARD}, {SOFT} and {comparison.REFERENCE_LOSS}; got {list(losses)}.")
+    overrides = dict(overrides or {})
+    os.makedirs(out, exist_ok=True)
+    estimate = estimate_seconds(setting, losses)
+    log(f"fair comparison: {sum(estimate['runs'].values())} runs {estimate['runs']} before widening, "
+        f"{estimate['steps']} steps; about {estimate['seconds'] / 60:.0f} min at {estimate['steps_per_second']:g} "
+        f"steps/s (+{estimate['widening_run_seconds']:.0f} s per widening run)")
+    start, seconds = time.time(), {}
+    sweep_kwargs = dict(validation_every_steps=setting.validation_every_steps, log=log)
+
+    log("phase 1/3: today's protocol for NLL and soft CE (validation only)")
+    baseline = sweep.run_sweep(
+        make_config_fn(setting, data_dir=data_dir, overrides=overrides, regime=False, steps=setting.baseline_steps),
+        {HARD: {}, SOFT: {}}, seeds=[setting.selection_seed], out=os.path.join(out, "regime"),
+        title="today's protocol", **sweep_kwargs)
+    seconds["regime"] = time.time() - start
+
+    log(f"phase 2/3: selection on validation, seed {setting.selection_seed} (the test split is not read)")
+    selection = sweep.run_sweep(
+        make_config_fn(setting, data_dir=data_dir, overrides=overrides), grid(setting, losses),
+        seeds=[setting.selection_seed], out=os.path.join(out, "selection"), select=sweep.SelectionRule(),
+        widen={"optim.base_lr": setting.widen_factor}, max_widenings=setting.max_widenings,
+        title="selection: validation top-1", **sweep_kwargs)
+    seconds["selection"] = time.time() - start - seconds["regime"]
+    regime = regime_summary(baseline, selection, out, setting)
+
+    log(f"phase 3/3: the chosen values on seeds {list(setting.seeds)}, the test split read once at the end of each run")
+    chosen = {loss: {f: [v] for f, v in selection["selected"][loss]["params"].items()} for loss in losses}
+    final = sweep.run_sweep(
+        make_config_fn(setting, data_dir=data_dir, overrides=overrides), chosen, seeds=setting.seeds,
+        out=os.path.join(out, "final"), evaluate_test=True, describe=comparison.targets_description,
+        table=lambda result: comparison.comparison_tables(result["results"]), title="final", **sweep_kwargs)
+    comparison.plot_reliability(final["results"], os.path.join(out, "final"), "Fashion-MNIST test set",
+                                len(setting.seeds))
+    seconds["final"] = time.time() - start - seconds["regime"] - seconds["selection"]
+    seconds["total"] = time.time() - start
+
+    summary = {
+        "setting": dataclasses.asdict(setting), "losses": list(losses), "overrides": overrides,
+        "estimate": estimate, "regime": regime,
+        "selection": {"rule": selection["rule"], "seed": setting.selection_seed, "grids": selection["grids"],
+                      "widened": selection["widened"], "chosen": selection["selected"]},
+        "test": final_summary(final["results"]), "paired": paired_summary(final["results"]),
+        "seconds": seconds, "complete": True,
+    }
+    sweep.write_json(os.path.join(out, "summary.json"), summary)
+    report = report_markdown(summary, selection["table"], comparison.comparison_tables(final["results"]))
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(report)
+    log(report)
+    log(f"fair comparison done in {sweep.format_seconds(seconds['total'])}; wrote {out}/report.md, summary.json, "
+        "regime.png, selection/sweep.png, final/table.md")
+    return summary
+
+
+def report_markdown(summary: dict, selection_table: str, final_tables: str) -> str:
+    """The protocol's Markdown report: the regime, the selection table, the test tables."""
+    regime = summary["regime"]
+    lines = [f"# Fair comparison on Fashion-MNIST\n\nRegime: {regime['regime']}; baseline: {regime['baseline']}.\n",
+             "## The regime: validation top-1 (%) of NLL and soft-target CE\n",
+             "| setting | NLL | soft CE | soft CE minus NLL (points) |", "|---|---|---|---|"]
+    for name, numbers in regime["settings"].items():
+        cells = [numbers.get(loss, {}).get("final_top1") for loss in (HARD, SOFT)]
+        cells.append(numbers.get("soft_minus_nll_top1"))
+        shown = ["n/a" if c is None else f"{100 * c:{'+' if i == 2 else ''}.2f}" for i, c in enumerate(cells)]
+        lines.append(f"| {name} | " + " | ".join(shown) + " |")
+    seconds = summary["seconds"]
+    lines += ["", "## Selection (validation split, seed %d)\n" % summary["selection"]["seed"], selection_table, "",
+              "## Test split at the chosen values (seeds %s)\n" % ", ".join(map(str, summary["setting"]["seeds"])),
+              final_tables, "",
+              "Time: " + ", ".join(f"{k} {sweep.format_seconds(v)}" for k, v in seconds.items()) + ".\n"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    """The command line (``experiments/fair_comparison.py``)."""
+    from absl import logging
+
+    parser = argparse.ArgumentParser(description="Every loss tuned on validation in a regime where soft targets pay "
+                                     "off, then compared on the test split (softnce.experiments.fair_comparison).")
+    parser.add_argument("--quick", action="store_true", help="the whole pipeline in about 2 minutes (a check)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/fair_comparison[_quick])")
+    parser.add_argument("--losses", default=",".join(comparison.LOSSES), help="comma-separated registered loss names")
+    parser.add_argument("--data_dir", default=None, help="tfds data directory (default ~/tensorflow_datasets)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field of every run, e.g. --set data.batch_size=64 (repeatable)")
+    args = parser.parse_args(argv)
+    logging.set_verbosity(logging.WARNING)
+    from softnce.data import fashion_mnist
+
+    fashion_mnist.load_split(args.data_dir, "train")  # an unprepared data_dir fails here, before any training
+    setting = SETTINGS["quick" if args.quick else "full"]
+    out = args.out or ("runs/fair_comparison_quick" if args.quick else "runs/fair_comparison")
+    losses = [loss for loss in args.losses.split(",") if loss]
+    return run(setting, out=out, losses=losses, data_dir=args.data_dir, overrides=comparison.parse_overrides(args.set))
+
+
+if __name__ == "__main__":
+    main()
