@@ -122,7 +122,9 @@ def fit_temperature(logits, labels, *, bounds: tuple[float, float] = (1e-3, 50.0
     z = np.asarray(logits, np.float64)
     labels = np.asarray(labels)
     if z.ndim != 2 or labels.shape != (z.shape[0],) or z.shape[0] == 0:
-        raise ValueError(f"fit_temperature needs logits [n, C] and labels [n] with n > 0, got {z.shape} and {labels.shape}.")
+        raise ValueError(
+            f"fit_temperature needs logits [n, C] and labels [n] with n > 0, got {z.shape} and {labels.shape}."
+        )
     z_label = np.take_along_axis(z, labels[:, None].astype(np.int64), axis=1)[:, 0]
 
     def nll(beta):

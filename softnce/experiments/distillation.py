@@ -44,7 +44,7 @@ import os
 import time
 from typing import Optional
 
-from softnce.experiments import comparison
+from softnce.experiments import comparison, sweep
 
 STUDENT_LOSSES = ("nll", "soft_target_cross_entropy", "soft_target_infonce", "soft_distribution_infonce")
 BASELINE = "nll"  # the student trained on the hard labels, without the teacher
@@ -111,32 +111,13 @@ def student_config_fn(args: argparse.Namespace, teacher_workdir: str):
     return make_config
 
 
-def _read_json(path: str) -> Optional[dict]:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _minutes(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def train_teacher(config, workdir: str, log=print) -> dict:
     """Trains (or, if finished, keeps) the teacher in ``workdir``; returns ``{'metrics', 'wall_seconds'}``."""
     from softnce import train
 
     record_path = os.path.join(os.path.dirname(workdir), "teacher.json")
-    record = _read_json(record_path)
-    metrics = _read_json(os.path.join(workdir, "metrics.json"))
+    record = sweep.read_json(record_path)
+    metrics = sweep.read_json(os.path.join(workdir, "metrics.json"))
     if record is not None and metrics is not None and metrics.get("step") == config.num_train_steps:
         log(f"teacher: finished before ({record['wall_seconds']:.0f} s); kept")
         return record
@@ -144,7 +125,7 @@ def train_teacher(config, workdir: str, log=print) -> dict:
     metrics = train.train_and_evaluate(config, workdir)
     record = json.loads(json.dumps({"metrics": metrics, "wall_seconds": time.time() - start,
                                     "model": config.model.to_dict(), "steps": config.num_train_steps}))
-    _write_json(record_path, record)
+    sweep.write_json(record_path, record)
     log(f"teacher: top-1 {metrics['top1']:.4f}, NLL {metrics['nll']:.4f}, ECE {metrics['ece']:.4f} "
         f"({record['wall_seconds']:.0f} s)")
     return record
@@ -188,7 +169,7 @@ def _pooled_sums(results: dict, out: str, name: str = "eval_sums.json") -> dict:
     pooled = {}
     for loss, runs in results.items():
         for record in runs["metrics"]:
-            sums = _read_json(os.path.join(out, record.get("workdir", f"{loss}_seed{record['seed']}"), name))
+            sums = sweep.read_json(os.path.join(out, record.get("workdir", f"{loss}_seed{record['seed']}"), name))
             if sums is not None:
                 pooled[loss] = evaluation.add_sums(pooled.get(loss), sums)
     return pooled
@@ -215,7 +196,7 @@ def main(argv=None, log=print) -> dict:
 
     teacher_sums = {}
     for name in ("eval_sums.json", "eval_sums_calibrated.json"):
-        sums = _read_json(os.path.join(teacher_dir, name))
+        sums = sweep.read_json(os.path.join(teacher_dir, name))
         if sums is not None:
             teacher_sums[name] = sums
     pooled = _pooled_sums(results, args.out)
@@ -231,15 +212,15 @@ def main(argv=None, log=print) -> dict:
         "Students (small_cnn); targets: " + "; ".join(f"{k}: {v}" for k, v in targets.items()) + ".",
         comparison.metrics_table(results),
         distilled_minus_baseline(results),
-        f"Run time: teacher {_minutes(teacher['wall_seconds'])}, students "
-        f"{_minutes(grid['run_seconds'])} (sum of the runs), this invocation "
-        f"{_minutes(wall)}.",
+        f"Run time: teacher {sweep.format_seconds(teacher['wall_seconds'])}, students "
+        f"{sweep.format_seconds(grid['run_seconds'])} (sum of the runs), this invocation "
+        f"{sweep.format_seconds(wall)}.",
     ]) + "\n"
     with open(os.path.join(args.out, "distillation.md"), "w") as f:
         f.write(summary)
     result = {"teacher": teacher, "results": results, "beta": args.beta, "tau": args.tau, "augment": args.augment,
               "wall_seconds": wall, "run_seconds": run_seconds, "summary": summary}
-    _write_json(os.path.join(args.out, "distillation.json"), result)
+    sweep.write_json(os.path.join(args.out, "distillation.json"), result)
     log(summary)
     log(f"wrote {args.out}/distillation.md, distillation.json, reliability_with_teacher.png")
     return result
