@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 test: lint
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 
 # The API reference and guides (docs/index.md), warnings as errors, into docs/_build/html.
 docs: $(STAMP)

@@ -1,13 +1,13 @@
 """Every test sees 8 CPU devices (set before the JAX backend starts).
 
 Compiled programs go to JAX's persistent compilation cache in ``.pytest_cache/`` (one directory per
-Python version), shared by the xdist workers and the CLI subprocesses the tests start: the suite
-compiles the same train and eval steps many times, and the cache roughly halves its run time. The
-cache key covers the program, the jax/jaxlib version, the flags and the devices, so a hit runs
-exactly the program a fresh compilation would build.
+jaxlib version, so Pythons with the same jaxlib share it), shared by the xdist workers and the CLI
+subprocesses the tests start: the suite compiles the same train and eval steps many times, and the
+cache roughly halves its run time. The cache key covers the program, the jax/jaxlib version, the
+flags and the devices, so a hit runs exactly the program a fresh compilation would build.
 """
+import importlib.metadata
 import os
-import sys
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -17,7 +17,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
-                 "jax-compilation-cache-py%d.%d" % sys.version_info[:2]),
+                 "jax-compilation-cache-jaxlib-" + importlib.metadata.version("jaxlib")),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
