@@ -29,11 +29,7 @@ student minus the NLL student paired by seed (``mean ± std (wins/seeds)``), the
 and ``reliability_with_teacher.png`` (the teacher beside the students, seeds pooled). Running the
 same command again continues: a finished teacher and finished student runs are kept.
 
-Run time (an estimate from step times measured on a shared 2-core CPU, not from a full run; the run
-reports its own measured times in ``distillation.md``): about 0.15 s per teacher step, 0.03 s per
-NLL student step and 0.06 s per distilled student step (the teacher's forward pass runs in every
-step), so about 8 minutes for the teacher, 1.5 and 2.5 minutes per student run with evaluation,
-about 35 minutes for 3 seeds; up to twice that on a busy machine.
+Run time: about 28 minutes on a 2-core CPU for 3 seeds (BENCHMARKS.md, "Run times").
 """
 
 from __future__ import annotations
