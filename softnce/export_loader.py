@@ -13,7 +13,7 @@ evaluation input transform, so ``x`` is what the dataset's eval pipeline yields 
 ``metadata['input']``: shape and dtype of one example). Use it without softnce, Flax or TensorFlow,
 importing it as the module ``load`` with the export directory on the import path: run ``python -c``
 or an interactive python in it (``cd EXPORT_DIR``), or set ``PYTHONPATH=EXPORT_DIR`` (needed for a
-script kept elsewhere, whose own directory, not the working one, heads ``sys.path``)::
+script kept elsewhere, whose own directory, not the working one, comes first on Python's import path)::
 
     import load
     model = load.load()                       # the directory of load.py; or load.load("EXPORT_DIR")

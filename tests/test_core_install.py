@@ -9,19 +9,9 @@ import pytest
 
 HEAVY = ("tensorflow", "tensorflow_datasets", "flax", "orbax", "matplotlib", "sklearn", "ml_collections", "clu")
 
-# A finder that makes the train extra's packages look uninstalled in a fresh interpreter.
-HIDE_TRAIN = textwrap.dedent("""
-    import importlib.abc, sys
-    HIDDEN = ("flax", "orbax", "tensorflow", "tensorflow_datasets", "ml_collections", "clu", "matplotlib", "sklearn")
-
-    class Hide(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in HIDDEN:
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-
-    sys.meta_path.insert(0, Hide())
-""")
+# Makes the train extra's packages (HEAVY) look uninstalled in a fresh interpreter: a ``None`` entry in
+# ``sys.modules`` makes ``import`` raise ModuleNotFoundError and ``importlib.util.find_spec`` return None.
+HIDE_TRAIN = f"import sys\nfor name in {HEAVY!r}:\n    sys.modules[name] = None\n"
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
