@@ -363,17 +363,35 @@ def log_class_prior(labels, num_classes: int, *, smoothing: float = 0.0) -> Arra
         raise ValueError(
             f"labels must lie in [0, {num_classes}); found min {labels.min()}, max {labels.max()}."
         )
+    counts = np.bincount(labels, minlength=num_classes)
+    return log_prior_from_mass(counts, smoothing=smoothing)
+
+
+def log_prior_from_mass(mass, *, smoothing: float = 0.0, what: str = "training examples") -> Array:
+    """``log(eta)`` from per-class mass: label counts, or the per-class sums of soft targets.
+
+    ``eta[c] = (mass[c] + smoothing) / (sum(mass) + C * smoothing)``.
+
+    Args:
+      mass: non-negative ``[C]`` (host array).
+      smoothing: additive (Laplace) smoothing. With the default 0 a class without mass makes
+        ``log(eta)`` infinite, which is an error; set ``smoothing > 0`` to allow it.
+      what: what ``mass`` counts, for the error message.
+
+    Returns:
+      ``log(eta)``, float32 ``[C]``.
+    """
     if smoothing < 0:
         raise ValueError(f"smoothing must be >= 0, got {smoothing}.")
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    empty = np.flatnonzero(counts == 0)
+    mass = np.asarray(mass, np.float64)
+    empty = np.flatnonzero(mass <= 0)
     if smoothing == 0 and empty.size:
         raise ValueError(
-            f"class prior: {empty.size} class(es) have zero training examples (classes "
+            f"class prior: {empty.size} class(es) have zero {what} (classes "
             f"{empty[:20].tolist()}{'...' if empty.size > 20 else ''}), so log(eta) would be -inf. "
-            "Check num_classes and the labels, or pass smoothing > 0 (e.g. 1.0) to smooth the counts."
+            "Check num_classes and the data, or pass smoothing > 0 (e.g. 1.0) to smooth the counts."
         )
-    probs = (counts + smoothing) / (counts.sum() + num_classes * smoothing)
+    probs = (mass + smoothing) / (mass.sum() + mass.size * smoothing)
     return jnp.asarray(np.log(probs), dtype=jnp.float32)
 
 

@@ -297,23 +297,6 @@ NOISE_PRIORS = ("class_prior", "uniform", "target_mean", "explicit")
 """The choices of ``config.loss.noise_prior`` (:func:`noise_prior`)."""
 
 
-def log_prior_from_mass(mass, *, smoothing: float = 0.0, what: str = "training-label counts") -> jax.Array:
-    """``log(eta)``, ``eta_c = (mass_c + smoothing) / (sum(mass) + C smoothing)``, float32 ``[C]``.
-
-    ``mass`` are per-class counts, or the per-class sums of soft targets; a class without mass is an
-    error unless ``smoothing > 0`` (its ``log(eta)`` would be ``-inf``).
-    """
-    mass = np.asarray(mass, np.float64)
-    empty = np.flatnonzero(mass <= 0)
-    if smoothing == 0 and empty.size:
-        raise config_checks.ConfigError(
-            f"noise prior: {empty.size} class(es) have no mass in the {what} (classes {empty[:20].tolist()}), so "
-            "log(eta) would be -inf; set config.loss.prior_smoothing > 0 (e.g. 1.0) or another noise_prior."
-        )
-    probs = (mass + smoothing) / (mass.sum() + mass.size * smoothing)
-    return jnp.asarray(np.log(probs), jnp.float32)
-
-
 def explicit_log_prior(noise_probs, num_classes: int, *, atol: float = 1e-3) -> jax.Array:
     """``log(noise_probs)`` float32 ``[C]`` for ``noise_prior='explicit'``; checks length, sign and sum."""
     probs = np.asarray(noise_probs, np.float64)
@@ -334,7 +317,9 @@ def noise_prior(config: ml_collections.ConfigDict, dataset: Dataset) -> Optional
 
     ``config.loss.noise_prior``: ``'class_prior'`` the training-label frequencies, ``'target_mean'``
     the mean of the soft targets given with the training split (their per-class sums, with the same
-    ``prior_smoothing``: :func:`log_prior_from_mass`), ``'explicit'`` ``config.loss.noise_probs``.
+    ``prior_smoothing``: :func:`softnce.losses.log_prior_from_mass`), ``'explicit'``
+    ``config.loss.noise_probs``. A class without mass is a :class:`~softnce.config_checks.ConfigError`
+    unless ``config.loss.prior_smoothing > 0``.
     """
     kind = config.loss.noise_prior
     if not losses.get_loss(config.loss.name).uses_noise_prior or kind == "uniform":
@@ -349,10 +334,15 @@ def noise_prior(config: ml_collections.ConfigDict, dataset: Dataset) -> Optional
                 f"config.loss.noise_prior='target_mean' is the mean of the soft targets given with the data, but "
                 f"the dataset {config.data.name!r} gives none; use 'class_prior', 'uniform' or 'explicit'."
             )
-        return log_prior_from_mass(sums, smoothing=smoothing, what="soft targets given with the training split")
-    counts = np.asarray(dataset.train_label_counts())
-    labels = np.repeat(np.arange(dataset.num_classes), counts)
-    return losses.log_class_prior(labels, dataset.num_classes, smoothing=config.loss.get("prior_smoothing", 0.0))
+        mass, what = sums, "soft-target mass in the training split"
+    else:
+        mass, what = dataset.train_label_counts(), "training examples"
+    try:
+        return losses.log_prior_from_mass(mass, smoothing=smoothing, what=what)
+    except ValueError as error:
+        raise config_checks.ConfigError(
+            f"noise prior: {error} Set config.loss.prior_smoothing > 0 or another config.loss.noise_prior."
+        ) from None
 
 
 def make_dataset_and_model(config: ml_collections.ConfigDict) -> tuple[Dataset, Any]:
