@@ -653,9 +653,10 @@ def _write_json(path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def _print_eval(run: Run, step: int, summary: dict) -> None:
-    run.writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items()})
-    _print_chief(run.is_chief, f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+def _print_eval(run: Run, step: int, summary: dict, *, prefix: str = "eval", label: str = "eval") -> None:
+    """Writes ``summary`` as ``<prefix>/<metric>`` scalars and prints ``<label> at step <step>: ...`` (process 0)."""
+    run.writer.write_scalars(step, {f"{prefix}/{k}": v for k, v in summary.items()})
+    _print_chief(run.is_chief, f"{label} at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
 
 
 def tracks_validation(config: ml_collections.ConfigDict) -> bool:
@@ -669,8 +670,7 @@ def _evaluate_validation(run: Run, step: int, curve: list[dict]) -> dict:
     written to ``history.json`` (the learning curve; process 0)."""
     batches = run.dataset.validation_batches(run.local_eval_batch)
     summary, _ = evaluate(run.eval_fn, run.state.params, batches, run.mesh, run.config.loss.temperature)
-    run.writer.write_scalars(step, {f"val/{k}": v for k, v in summary.items()})
-    _print_chief(run.is_chief, f"validation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    _print_eval(run, step, summary, prefix="val", label="validation")
     curve.append(dict(summary, step=step))
     if run.is_chief:
         _write_json(run.workdir / "history.json", curve)
