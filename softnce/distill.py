@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
+from flax import serialization, traverse_util
 
 from softnce import checkpoint_metadata, checkpointing, models
 from softnce.config_checks import ConfigError
@@ -193,18 +194,13 @@ def teacher_model_config(model_config: ml_collections.ConfigDict,
 
 def _flat(params: Params) -> dict[str, Any]:
     """``{'a/b/kernel': leaf}`` of a nested-dict parameter tree."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        flat["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)] = leaf
-    return flat
+    return traverse_util.flatten_dict(params, sep="/")
 
 
 def save_params(path: str, params: Params) -> None:
     """Writes ``params`` as a parameters file for ``config.distill.teacher_params`` (``.npz`` or ``.msgpack``)."""
     target = epath.Path(path)
     if str(path).endswith(".msgpack"):
-        from flax import serialization
-
         target.write_bytes(serialization.to_bytes(jax.device_get(params)))
         return
     if not str(path).endswith(".npz"):
@@ -221,8 +217,6 @@ def load_params(path: str, abstract: Params, *, what: str = "config.distill.teac
     """
     raw = epath.Path(path).read_bytes()
     if str(path).endswith(".msgpack"):
-        from flax import serialization
-
         flat = {k: np.asarray(v) for k, v in _flat(serialization.msgpack_restore(raw)).items()}
     else:
         with np.load(io.BytesIO(raw)) as arrays:
@@ -241,8 +235,8 @@ def load_params(path: str, abstract: Params, *, what: str = "config.distill.teac
                 f"{what}={path!r}: parameter {name} has shape {tuple(flat[name].shape)} in the file, the teacher "
                 f"model expects {tuple(spec.shape)} (a teacher with another number of classes or input shape?)."
             )
-    leaves = [np.asarray(flat[name], spec.dtype) for name, spec in expected.items()]
-    return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+    return traverse_util.unflatten_dict({name: np.asarray(flat[name], spec.dtype) for name, spec in expected.items()},
+                                        sep="/")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -276,7 +276,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise config_checks.ConfigError(str(error)) from None
     if config.loss.noise_prior not in NOISE_PRIORS:
         raise config_checks.ConfigError(
-            "config.loss.noise_prior must be 'class_prior' or 'uniform' or 'target_mean' or 'explicit' (with "
+            f"config.loss.noise_prior must be one of {', '.join(map(repr, NOISE_PRIORS))} ('explicit' with "
             f"config.loss.noise_probs), got {config.loss.noise_prior!r}."
         )
     config_checks.check_config(config)

@@ -315,6 +315,10 @@ def test_fair_comparison_quick_end_to_end(prepared, tmp_path):
         assert record["seed"] == 1 and {"top1", "nll_calibrated", "ece_calibrated"} <= set(record)
         assert record["params"] == chosen[loss]["params"]
     assert set(summary["paired"]) == {"nll", "soft_target_cross_entropy"}
+    points = summary["selection"]["points"]  # every selection run's validation metrics, for the committed summary
+    assert [len(points[loss]) for loss in losses] == [2, 2, 4]
+    assert points["nll"][0]["validation"]["top1"] == selection["nll"]["metrics"][0]["validation"]["top1"]
+    assert summary["test"]["nll"]["top1"]["seeds"] == [1] and summary["run_seconds"]["total"] > 0
     assert summary["paired"]["nll"]["nll_calibrated"]["seeds"] == 1
     assert set(summary["regime"]["settings"]["today's protocol"]) >= {"nll", "soft_target_cross_entropy"}
     for name in ("report.md", "summary.json", "regime.png", "selection/sweep.png", "final/table.md",
@@ -322,6 +326,9 @@ def test_fair_comparison_quick_end_to_end(prepared, tmp_path):
         assert (out / name).exists(), name
     report = (out / "report.md").read_text()
     assert "| soft_target_infonce minus |" in report and "NLL at t*" in report and "**yes**" in report
+    grid_table = fair_comparison.selection_grid_table({"results": selection, "selected": chosen})
+    assert grid_table in report and grid_table.count("**") == 2 * len(losses)  # one chosen cell per loss
+    assert "| soft_target_infonce | 2 |" in grid_table and "| lr 0.002 | lr 0.008 |" in grid_table
 
 
 def test_paired_table_against_hand_computed_values():

@@ -1,7 +1,7 @@
 """A fair test of the paper's claim on Fashion-MNIST: each loss tuned on validation, where soft targets pay off.
 
     python -m softnce.data.fashion_mnist                                  # once: prepare the data
-    python experiments/fair_comparison.py --out runs/fair_comparison       # the protocol (about 45 min, 2 cores)
+    python experiments/fair_comparison.py --out runs/fair_comparison       # the protocol (about 70 min, 2 cores)
     python experiments/fair_comparison.py --quick --out runs/fair_quick    # the whole pipeline in about 2 minutes
 
 The regime (:data:`SETTINGS` ``'full'``): the small CNN of ``configs/fashion_mnist.py`` trained on the
@@ -31,9 +31,10 @@ Phases, each a sweep (:mod:`softnce.experiments.sweep`) in its own folder of ``-
    std over the seeds) and STI's paired differences against every loss (mean ± std of the per-seed
    differences, wins out of the seeds), raw and post-hoc calibrated.
 
-Budget: 2 + 45 (+ widening) + 15 runs, 184,000 steps; at ~100 steps/s of the small CNN on 2 quiet
-cores and ~10 s of start-up and evaluation per run, about 40 minutes, plus about 38 s per run that
-widening adds (:func:`estimate_seconds`; the first line of the output says it).
+Budget: 2 + 45 (+ widening) + 15 runs, 184,000 steps; at ~55 steps/s of the small CNN on 2 quiet
+cores (validation every 250 steps included) and ~12 s of start-up and evaluation per run, about 68
+minutes, plus about 67 s per run that widening adds (:func:`estimate_seconds`; the first line of the
+output says it). Measured: BENCHMARKS.md, "Run times".
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def grid(setting: Setting, losses: Sequence[str]) -> sweep.Grid:
             for loss in losses}
 
 
-def estimate_seconds(setting: Setting, losses: Sequence[str], *, steps_per_second: float = 100.0,
-                     overhead_seconds: float = 10.0) -> dict:
+def estimate_seconds(setting: Setting, losses: Sequence[str], *, steps_per_second: float = 55.0,
+                     overhead_seconds: float = 12.0) -> dict:
     """Runs, steps and the estimated time of the protocol before widening (from a measured step rate)."""
     selection = sum(len(sweep.points(fields)) for fields in grid(setting, losses).values())
     runs = {"regime": 2, "selection": selection, "final": len(losses) * len(setting.seeds)}
@@ -161,6 +162,29 @@ def regime_summary(baseline: dict, selection: dict, out: str, setting: Setting) 
                                 for loss, n in numbers.items()} for name, numbers in settings.items()}}
 
 
+def selection_grid_table(selection: dict, metric: str = "top1") -> str:
+    """Validation ``metric`` (%) of every selection run as one Markdown table: a row per loss (and temperature),
+    a column per learning rate, the chosen cell in bold."""
+    rows, lrs = {}, set()
+    for loss, runs in selection["results"].items():
+        for record in runs["metrics"]:
+            lr, t = record["params"]["optim.base_lr"], record["params"].get("loss.temperature")
+            rows.setdefault((loss, t), {})[lr] = (record.get("validation") or {}).get(metric)  # None: diverged
+            lrs.add(lr)
+    lrs = sorted(lrs)
+    lines = ["| loss | t | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|---|" + "---|" * len(lrs)]
+    for (loss, t), values in rows.items():
+        chosen = selection["selected"][loss]["params"]
+        cells = []
+        for lr in lrs:
+            cell = "" if lr not in values else "diverged" if values[lr] is None else f"{100 * values[lr]:.2f}"
+            if cell and chosen == {"optim.base_lr": lr, **({"loss.temperature": t} if t is not None else {})}:
+                cell = f"**{cell}**"
+            cells.append(cell)
+        lines.append(f"| {loss} | {'–' if t is None else format(t, 'g')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def paired_summary(results: dict, reference: str = comparison.REFERENCE_LOSS) -> dict:
     """``{other loss: {metric: {mean, std, wins, seeds}}}`` of ``reference`` minus ``other`` (per-seed differences)."""
     paired = {}
@@ -186,7 +210,8 @@ def final_summary(results: dict) -> dict:
             values = [r[key] for r in runs["metrics"] if key in r]
             if values:
                 out[loss][key] = {"mean": float(np.mean(values)),
-                                  "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "values": values}
+                                  "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "values": values,
+                                  "seeds": [r["seed"] for r in runs["metrics"] if key in r]}
     return out
 
 
@@ -230,17 +255,24 @@ def run(setting: Setting, *, out: str, losses: Sequence[str] = comparison.LOSSES
                                 len(setting.seeds))
     seconds["final"] = time.time() - start - seconds["regime"] - seconds["selection"]
     seconds["total"] = time.time() - start
+    run_seconds = {"regime": baseline["run_seconds"], "selection": selection["run_seconds"],
+                   "final": final["run_seconds"]}
+    run_seconds["total"] = sum(run_seconds.values())
 
     summary = {
         "setting": dataclasses.asdict(setting), "losses": list(losses), "overrides": overrides,
         "estimate": estimate, "regime": regime,
         "selection": {"rule": selection["rule"], "seed": setting.selection_seed, "grids": selection["grids"],
-                      "widened": selection["widened"], "chosen": selection["selected"]},
+                      "widened": selection["widened"], "chosen": selection["selected"],
+                      "points": {loss: [{"params": r["params"], "validation": r.get("validation"),
+                                         "diverged": bool(r.get("diverged"))} for r in runs["metrics"]]
+                                 for loss, runs in selection["results"].items()}},
         "test": final_summary(final["results"]), "paired": paired_summary(final["results"]),
-        "seconds": seconds, "complete": True,
+        "invocation_seconds": seconds, "run_seconds": run_seconds, "complete": True,
     }
     sweep.write_json(os.path.join(out, "summary.json"), summary)
-    report = report_markdown(summary, selection["table"], comparison.comparison_tables(final["results"]))
+    report = report_markdown(summary, selection_grid_table(selection) + "\n\n" + selection["table"],
+                             comparison.comparison_tables(final["results"]))
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report)
     log(report)
@@ -260,11 +292,14 @@ def report_markdown(summary: dict, selection_table: str, final_tables: str) -> s
         cells.append(numbers.get("soft_minus_nll_top1"))
         shown = ["n/a" if c is None else f"{100 * c:{'+' if i == 2 else ''}.2f}" for i, c in enumerate(cells)]
         lines.append(f"| {name} | " + " | ".join(shown) + " |")
-    seconds = summary["seconds"]
+    seconds, run_seconds = summary["invocation_seconds"], summary["run_seconds"]
     lines += ["", "## Selection (validation split, seed %d)\n" % summary["selection"]["seed"], selection_table, "",
               "## Test split at the chosen values (seeds %s)\n" % ", ".join(map(str, summary["setting"]["seeds"])),
               final_tables, "",
-              "Time: " + ", ".join(f"{k} {sweep.format_seconds(v)}" for k, v in seconds.items()) + ".\n"]
+              "Time of the training runs (summed over runs, kept when a sweep resumes): "
+              + ", ".join(f"{k} {sweep.format_seconds(v)}" for k, v in run_seconds.items())
+              + "; this invocation: " + ", ".join(f"{k} {sweep.format_seconds(v)}" for k, v in seconds.items())
+              + ".\n"]
     return "\n".join(lines)
 
 
