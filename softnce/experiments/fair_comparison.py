@@ -165,23 +165,20 @@ def regime_summary(baseline: dict, selection: dict, out: str, setting: Setting) 
 def selection_grid_table(selection: dict, metric: str = "top1") -> str:
     """Validation ``metric`` (%) of every selection run as one Markdown table: a row per loss (and temperature),
     a column per learning rate, the chosen cell in bold."""
-    rows, lrs = {}, set()
+    rows, lrs = {}, set()  # {(loss, t): {lr: cell}}
     for loss, runs in selection["results"].items():
+        chosen = selection["selected"][loss]["params"]
         for record in runs["metrics"]:
             lr, t = record["params"]["optim.base_lr"], record["params"].get("loss.temperature")
-            rows.setdefault((loss, t), {})[lr] = (record.get("validation") or {}).get(metric)  # None: diverged
+            value = (record.get("validation") or {}).get(metric)
+            cell = "diverged" if value is None else f"{100 * value:.2f}"
+            rows.setdefault((loss, t), {})[lr] = f"**{cell}**" if record["params"] == chosen else cell
             lrs.add(lr)
     lrs = sorted(lrs)
     lines = ["| loss | t | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|---|" + "---|" * len(lrs)]
-    for (loss, t), values in rows.items():
-        chosen = selection["selected"][loss]["params"]
-        cells = []
-        for lr in lrs:
-            cell = "" if lr not in values else "diverged" if values[lr] is None else f"{100 * values[lr]:.2f}"
-            if cell and chosen == {"optim.base_lr": lr, **({"loss.temperature": t} if t is not None else {})}:
-                cell = f"**{cell}**"
-            cells.append(cell)
-        lines.append(f"| {loss} | {'–' if t is None else format(t, 'g')} | " + " | ".join(cells) + " |")
+    for (loss, t), cells in rows.items():
+        lines.append(f"| {loss} | {'–' if t is None else format(t, 'g')} | "
+                     + " | ".join(cells.get(lr, "") for lr in lrs) + " |")
     return "\n".join(lines)
 
 
@@ -207,11 +204,12 @@ def final_summary(results: dict) -> dict:
     for loss, runs in results.items():
         out[loss] = {}
         for key, *_ in comparison.METRICS:
-            values = [r[key] for r in runs["metrics"] if key in r]
+            present = [r for r in runs["metrics"] if key in r]
+            values = [r[key] for r in present]
             if values:
                 out[loss][key] = {"mean": float(np.mean(values)),
                                   "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, "values": values,
-                                  "seeds": [r["seed"] for r in runs["metrics"] if key in r]}
+                                  "seeds": [r["seed"] for r in present]}
     return out
 
 
