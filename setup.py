@@ -22,17 +22,18 @@ TRAIN = [
     "flax>=0.12.8",
     "orbax-checkpoint>=0.12.8",
     "ml_collections>=1.1.0",
-    "tensorflow-cpu>=2.21.0",  # tf.data only; TensorFlow never gets the accelerator
-    "tensorflow-datasets>=4.9.10",
+    "grain>=0.2.18",  # the input pipelines (global index shuffle, checkpointable iterators); no TensorFlow
+    "array-record>=0.8.6",  # the file format tfds prepares and grain reads
+    "tensorflow-datasets>=4.9.10",  # prepares and reads array_record without TensorFlow
     "importlib_resources>=7.1.0",  # tfds imports it to prepare builders defined outside tfds
-    "clu>=0.0.12",
+    "tensorboardX>=2.6.5",  # TensorBoard event files without TensorFlow
     "absl-py>=2.5.1",
     "etils[epath]>=1.15.0",
     "scipy>=1.17.1",
     "scikit-learn>=1.9.1",
     "matplotlib>=3.11.2",
     "Pillow>=13.0.0",  # the host half of the image pipeline (softnce/data/image_augment.py)
-    "tensorboard>=2.21.0",
+    "tensorboard>=2.21.0",  # `tensorboard --logdir` (and its event reader, softnce.metric_writer.read_scalars)
 ]
 
 setup(

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import importlib.util
 
-TRAIN = ("flax", "orbax.checkpoint", "ml_collections", "tensorflow", "tensorflow_datasets", "clu", "absl", "etils",
-         "scipy", "sklearn", "matplotlib", "PIL")
+TRAIN = ("flax", "orbax.checkpoint", "ml_collections", "grain", "array_record", "tensorflow_datasets", "tensorboardX",
+         "absl", "etils", "scipy", "sklearn", "matplotlib", "PIL")
 
 
 def missing(modules: tuple[str, ...]) -> list[str]:

@@ -1,4 +1,9 @@
-"""Orbax checkpoints of the train state: periodic saves, resume from the latest, clean preemption.
+"""Orbax checkpoints of the train state and the data iterator: periodic saves, resume, clean preemption.
+
+A step's checkpoint holds two items: ``default``, the train state (``StandardSave``), and ``data``,
+the state of the training batches' Grain iterator (``grain.checkpoint.CheckpointSave``, one small
+JSON file per process), so that a resumed run reads exactly the batches an uninterrupted one would.
+Readers of the weights (evaluation, inference, export, fine-tuning) read ``default`` alone.
 
 Orbax writes each step to a temporary directory and renames it only once complete, so an
 interrupted save is never listed as the latest step; ``latest_step`` and ``restore`` only ever see
@@ -18,9 +23,13 @@ import os
 import time
 from typing import Any, Callable, Optional
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+STATE_ITEM = "default"  # the train state (the item a single-item manager reads)
+DATA_ITEM = "data"  # the training iterator's state (grain)
 
 
 def resolve(path: str | os.PathLike) -> epath.Path:
@@ -32,17 +41,27 @@ def resolve(path: str | os.PathLike) -> epath.Path:
 def make_manager(directory: str | os.PathLike, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
     """A ``CheckpointManager`` for ``directory`` (local or ``gs://``; saves are triggered by the trainer)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(resolve(directory), options=options)
+    return ocp.CheckpointManager(resolve(directory), options=options, item_names=(STATE_ITEM, DATA_ITEM))
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, metadata: Optional[dict] = None) -> None:
-    """Saves ``state`` at ``step`` (asynchronously; call ``manager.wait_until_finished()`` to block).
+def has_iterator_state(iterator: Any) -> bool:
+    """Whether ``iterator`` can be checkpointed (a ``grain.DatasetIterator``, or any with get/set_state)."""
+    return callable(getattr(iterator, "get_state", None)) and callable(getattr(iterator, "set_state", None))
 
-    ``metadata`` (JSON-serialisable, :mod:`softnce.checkpoint_metadata`) is stored with the step in
-    orbax's step metadata (``custom_metadata``), written atomically with the checkpoint.
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, metadata: Optional[dict] = None,
+         data_iterator: Any = None) -> None:
+    """Saves ``state`` (and ``data_iterator``'s position) at ``step``, asynchronously.
+
+    Call ``manager.wait_until_finished()`` to block. The iterator's state is taken now, in this
+    thread. ``metadata`` (JSON-serialisable, :mod:`softnce.checkpoint_metadata`) is stored with the
+    step in orbax's step metadata (``custom_metadata``), written atomically with the checkpoint.
     """
     custom = None if metadata is None else {METADATA_KEY: metadata}
-    manager.save(step, args=ocp.args.StandardSave(state), force=True, custom_metadata=custom)
+    items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    if has_iterator_state(data_iterator):
+        items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
+    manager.save(step, args=ocp.args.Composite(**items), force=True, custom_metadata=custom)
 
 
 METADATA_KEY = "softnce"  # the key of :func:`save`'s metadata in orbax's custom_metadata
@@ -89,17 +108,34 @@ def restore_params_only(directory: str | os.PathLike, step: int, abstract_params
     return restored["params"]
 
 
-def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = None) -> Any:
+def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = None,
+            data_iterator: Any = None) -> tuple[Any, bool]:
     """Restores the checkpoint at ``step`` (default: latest) into the structure/shardings of ``target``.
 
     ``target`` may be a concrete state or its ``jax.eval_shape``; arrays come back with the
-    shardings of ``target`` (replicated over the mesh for the trainer's state).
+    shardings of ``target`` (replicated over the mesh for the trainer's state). ``data_iterator``
+    is set to the saved position when the step holds one for this process.
+
+    Returns:
+      ``(state, iterator_restored)``: ``iterator_restored`` is False when the step holds no
+      iterator state for this process (saved by a plain iterator, or by another process count); the
+      caller then restarts its iterator at the step.
     """
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no finished checkpoint in {manager.directory}.")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    items = {STATE_ITEM: ocp.args.StandardRestore(abstract)}
+    with_iterator = has_iterator_state(data_iterator) and _iterator_state_file(manager, step).exists()
+    if with_iterator:
+        items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return manager.restore(step, args=ocp.args.Composite(**items))[STATE_ITEM], with_iterator
+
+
+def _iterator_state_file(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Where grain's handler keeps this process's iterator state in checkpoint ``step``."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return epath.Path(manager.directory) / str(step) / DATA_ITEM / name
 
 
 def corrupt_dir(manager: ocp.CheckpointManager) -> epath.Path:
@@ -115,7 +151,8 @@ def restore_newest_intact(
     log: Callable[[str], None] = print,
     is_chief: bool = True,
     sync: Callable[[str], None] = lambda name: None,
-) -> tuple[Any, int]:
+    data_iterator: Any = None,
+) -> tuple[Any, int, bool]:
     """Restores the newest checkpoint that can be restored, newest first.
 
     Each checkpoint that fails is reported in one line (step and reason). If an older one then
@@ -124,7 +161,7 @@ def restore_newest_intact(
     restores, nothing is moved and one ``RuntimeError`` names the directory.
 
     Returns:
-      ``(state, step)``.
+      ``(state, step, iterator_restored)`` (see :func:`restore`).
     """
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
@@ -132,7 +169,7 @@ def restore_newest_intact(
     failed: list[int] = []
     for step in steps:
         try:
-            state = restore(manager, target, step)
+            state, iterator_restored = restore(manager, target, step, data_iterator)
         except Exception as error:  # noqa: BLE001  (any failure to read a step means: try an older one)
             reason = " ".join(f"{type(error).__name__}: {error}".split())
             log(f"checkpoint at step {step} in {manager.directory} could not be restored ({reason[:300]})")
@@ -140,7 +177,7 @@ def restore_newest_intact(
             continue
         if failed:
             _move_aside(manager, failed, is_chief=is_chief, sync=sync, log=log)
-        return state, step
+        return state, step, iterator_restored
     raise RuntimeError(
         f"no checkpoint in {manager.directory} can be restored (tried steps {', '.join(map(str, steps))}; "
         "the reasons are above). Move or delete that directory to start the run from scratch, or restore "

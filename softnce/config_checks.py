@@ -119,9 +119,7 @@ RULES: dict[str, Range] = {
     "data.random_crop_padding": count(0, "pixels of padding around the random training crop; 0 = off"),
     "data.num_eval_examples": count(1, "evaluation examples to read (None = the whole split)", allow_none=True),
     "data.random_erasing_prob": probability("probability of random erasing"),
-    "data.shuffle_buffer": count(1, "examples in the shuffle buffer"),
-    "data.num_shards": count(1, "shards of the training split (None = the process count)", allow_none=True),
-    "data.host_threads": count(1, "host threads decoding and cropping images (None = all cores)", allow_none=True),
+    "data.host_threads": count(1, "Grain threads decoding and cropping images (None = one per core)", allow_none=True),
     "data.num_classes": count(1, "classes of a dataset read from files (None = from the files)", allow_none=True),
     # Model.
     "model.hidden_sizes": count(1, "units per hidden layer"),

@@ -54,11 +54,9 @@ def image_data_config() -> ml_collections.ConfigDict:
         data_dir=none(str),  # the tfds data directory (None: ~/tensorflow_datasets)
         image_size=224,
         train_split=none(str), eval_split=none(str),  # None: the dataset's own train / eval split names
-        num_train_examples=none(int), num_eval_examples=none(int),  # None: from the tfds metadata
+        num_train_examples=none(int), num_eval_examples=none(int),  # read only the first n (None: all)
         randaugment="rand-m9-mstd0.5-inc1",  # timm's RandAugment spec; '' turns it off
         random_erasing_prob=0.25,
-        shuffle_buffer=16_384,
-        cache=False, cache_dir=none(str),
-        num_shards=none(int),  # training shards (None: the process count)
-        host_threads=none(int),  # tf.data threads decoding and cropping (None: all cores)
+        cache_dir=none(str),  # where the training label counts are cached (None: the dataset's directory)
+        host_threads=none(int),  # Grain threads decoding and cropping (None: one per core)
     ))

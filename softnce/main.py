@@ -14,15 +14,12 @@ from softnce import _extras
 if _extras.MISSING_TRAIN:
     raise _extras.missing_extra("train", __name__)
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from softnce import cli  # noqa: E402  (no jax, no TensorFlow)
+from softnce import cli  # no jax
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/digits.py:loss=nll.", lock_config=True
@@ -57,7 +54,7 @@ def _check_multiprocess_flags(values) -> bool:
 def main(argv) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags look like --name=value).")
-    # Everything that can be checked without jax and TensorFlow is checked first, so a bad command
+    # Everything that can be checked without jax is checked first, so a bad command
     # line is one line on stderr (exit 2) before any of their start-up log lines.
     config = cli.config_value(_CONFIG, cli.config_flag_value(sys.argv[1:]))
     from absl import logging
@@ -74,11 +71,12 @@ def main(argv) -> None:
 
     from softnce import distributed, train
     from softnce.config_checks import ConfigError
+    from softnce.data.base import DataError, DataNotPreparedError
 
     for module in _IMPORTS.value:
         importlib.import_module(module)  # e.g. a module of the user's that calls losses.register_loss
     try:
-        train.validate_config(config)  # names and numbers: before TensorFlow is imported
+        train.validate_config(config)  # names and numbers: before any data is read
     except ConfigError as error:
         cli.fail(error)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -89,12 +87,9 @@ def main(argv) -> None:
     except ConfigError as error:
         cli.fail(error)
 
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; never give it the accelerator.
     try:
         train.train_and_evaluate(config, _WORKDIR.value)
-    except ConfigError as error:  # a bad config: one line, before any work was done
+    except (ConfigError, DataError, DataNotPreparedError) as error:  # bad config or data: one line
         cli.fail(error)
 
 

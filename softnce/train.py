@@ -15,7 +15,7 @@ data (``batch['targets']``), smoothed and mixed the same way; with ``config.dist
 teacher's distribution on the student's (mixed) inputs is mixed in (:mod:`softnce.distill`).
 
 Start-up order: resume from the newest intact checkpoint in ``workdir/checkpoints`` (a damaged newer
-one is reported and moved aside), else the params of ``config.init.checkpoint`` (an earlier run),
+one is reported and moved aside), with the training batches' iterator at its saved position, else the params of ``config.init.checkpoint`` (an earlier run),
 else ``config.init.pretrained`` (converted MAE weights without the head), else from scratch.
 
 Dispatch: at most ``config.max_steps_in_flight`` train steps are dispatched ahead of the host (1 on
@@ -42,7 +42,7 @@ import functools
 import json
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -68,11 +68,9 @@ from softnce import (
     targets,
 )
 from softnce.data import DATASETS, get_dataset
-from softnce.data.base import Dataset, DeviceEvalTransform, DeviceTrainTransform
+from softnce.data.base import Batch, Dataset, DeviceEvalTransform, DeviceTrainTransform
+from softnce.metric_writer import MetricWriter
 from softnce.watchdog import StepWatchdog
-
-if TYPE_CHECKING:
-    from clu.metric_writers import MetricWriter
 
 TrainState = train_state.TrainState
 AXIS = distributed.DATA_AXIS
@@ -413,6 +411,7 @@ class Run:
     workdir: epath.Path  # local or gs://
     mesh: Mesh
     dataset: Dataset
+    batches: Iterator[Batch]  # the training batches from the state's step on (checkpointed with it)
     state: TrainState
     schedule: optax.Schedule
     train_rng: jax.Array
@@ -440,7 +439,6 @@ def _print_chief(is_chief: bool, text: str) -> None:
 
 def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Checks the config, builds the mesh, data, model and state, and restores the newest intact checkpoint."""
-    from clu import metric_writers
     from jax.experimental import multihost_utils
 
     validate_config(config)
@@ -460,7 +458,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
         _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
-    writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_chief)
+    writer = MetricWriter(str(workdir) if is_chief else None)
 
     init_rng, train_rng = run_keys(jax.random.PRNGKey(config.seed))
     ckpt_dir = str(workdir / "checkpoints")
@@ -470,11 +468,15 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
         config, model, dataset.example_shape, init_rng, mesh, config.data.batch_size, use_init=not resuming
     )
     last_saved = None
+    batches = dataset.train_batches(local_batch, seed=config.seed)
     if resuming:
         sync = multihost_utils.sync_global_devices if jax.process_count() > 1 else (lambda name: None)
-        state, last_saved = checkpointing.restore_newest_intact(
-            manager, state, log=functools.partial(_print_chief, is_chief), is_chief=is_chief, sync=sync
+        state, last_saved, iterator_restored = checkpointing.restore_newest_intact(
+            manager, state, log=functools.partial(_print_chief, is_chief), is_chief=is_chief, sync=sync,
+            data_iterator=batches,
         )
+        if not iterator_restored:  # no iterator state for this process: restart the stream at the step
+            batches = dataset.train_batches(local_batch, seed=config.seed, start_step=last_saved)
         _print_chief(is_chief, f"resumed from the checkpoint of step {last_saved} in {ckpt_dir}")
 
     teacher_kwargs = {} if teacher is None else dict(teacher=teacher.teacher, teacher_params=teacher.params)
@@ -484,7 +486,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     )
     eval_fn, logits_fn = make_eval_fns(mesh, model, dataset)
     return Run(
-        config=config, workdir=workdir, mesh=mesh, dataset=dataset, state=state, schedule=schedule,
+        config=config, workdir=workdir, mesh=mesh, dataset=dataset, batches=batches, state=state, schedule=schedule,
         train_rng=train_rng, log_noise_probs=log_noise_probs, step_fn=step_fn,
         eval_fn=eval_fn, logits_fn=logits_fn,
         manager=manager, ckpt_dir=ckpt_dir, last_saved=last_saved, writer=writer, local_batch=local_batch,
@@ -719,7 +721,6 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
             "config.data.validation_fraction > 0."
         )
     curve = _load_curve(run) if tracks_validation(config) else []
-    batches = run.dataset.train_batches(run.local_batch, seed=config.seed, start_step=run.start_step)
     progress = Progress(total, run.start_step)
     history: list[tuple[int, dict]] = []
     summary: dict = {}
@@ -730,7 +731,7 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
 
     with _Preemption() as preemption, watchdog:
         for step in range(run.start_step + 1, total + 1):
-            batch = distributed.global_batch(run.mesh, next(batches))
+            batch = distributed.global_batch(run.mesh, next(run.batches))
             run.state, metrics = run.step_fn(run.state, batch, run.train_rng, run.log_noise_probs)
             in_flight.dispatched(step, metrics)
             history.append((step, metrics))
@@ -747,7 +748,8 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
                 _log_train_metrics(run, history, step=step, progress=progress)
                 history = []
                 if save_now:
-                    checkpointing.save(run.manager, step, run.state, checkpoint_metadata.for_step(metadata, step))
+                    checkpointing.save(run.manager, step, run.state, checkpoint_metadata.for_step(metadata, step),
+                                       data_iterator=run.batches)
                     run.last_saved = step
                 if validate_now:  # before a stop, so that a resumed run's curve has this step
                     _evaluate_validation(run, step, curve)

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
+import grain
 import numpy as np
 
 from softnce import config_checks
+from softnce.data import pipeline
 from softnce.data.base import Batch, Dataset
+
+# Slicing arrays in memory is cheap: one reader thread keeps two batches ready.
+READ_OPTIONS = pipeline.read_options(1, default=1)
 
 
 class ArrayDataset(Dataset):
     """A dataset held in memory, shared by all processes, each feeding its slice of the global batch.
 
-    Training order: epoch ``e`` is a permutation drawn from ``(seed, e)``; step ``s`` takes rows
-    ``[b * (s mod E), b * (s mod E + 1))`` of epoch ``s // E`` with ``b`` the global batch and
-    ``E = n // b`` steps per epoch (the remainder is dropped). Process ``p`` of ``P`` takes the
-    ``p``-th ``1/P`` of that global batch, so the global batch does not depend on the number of
-    processes or devices, and resuming at ``start_step`` continues exactly.
+    Batches come from the Grain pipelines of :mod:`softnce.data.pipeline`: the global index shuffle
+    (epoch ``e`` a permutation drawn from ``(seed, e)``), process ``p`` of ``P`` reading the ``p``-th
+    ``1/P`` of each global batch (so the global batch does not depend on the number of processes or
+    devices), and an iterator whose state the trainer checkpoints (exact resume).
 
     Args:
       train_inputs, train_labels: ``[n, ...]`` float32 and ``[n]`` int.
@@ -80,36 +84,34 @@ class ArrayDataset(Dataset):
     def train_target_sums(self) -> Optional[np.ndarray]:
         return None if self.train_targets is None else self.train_targets.sum(axis=0, dtype=np.float64)
 
-    def _process_slice(self, global_size: int) -> slice:
-        share = global_size // self.process_count
-        return slice(self.process_index * share, (self.process_index + 1) * share)
-
-    def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
-        global_size = batch_size * self.process_count
-        for rows in train_rows(self.num_train_examples, global_size, seed=seed, start_step=start_step):
-            rows = rows[self._process_slice(global_size)]
+    def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> grain.DatasetIterator:
+        def read(rows: np.ndarray, positions: np.ndarray) -> Batch:
             batch = {"inputs": self.train_inputs[rows], "label": self.train_labels[rows]}
             if self.train_targets is not None:
                 batch["targets"] = self.train_targets[rows]
-            yield batch
+            return batch
 
-    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        return pipeline.train_iterator(
+            read, num_examples=self.num_train_examples, batch_size=batch_size, seed=seed,
+            process_index=self.process_index, process_count=self.process_count, start_step=start_step,
+            options=READ_OPTIONS,
+        )
+
+    def eval_batches(self, batch_size: int) -> grain.DatasetIterator:
         return self._padded_batches(self.eval_inputs, self.eval_labels, batch_size)
 
-    def validation_batches(self, batch_size: int) -> Iterator[Batch]:
+    def validation_batches(self, batch_size: int) -> grain.DatasetIterator:
         if not self.num_validation_examples:
             return super().validation_batches(batch_size)
         return self._padded_batches(self.val_inputs, self.val_labels, batch_size)
 
-    def _padded_batches(self, inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> Iterator[Batch]:
+    def _padded_batches(self, inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> grain.DatasetIterator:
         """One pass in order; the last global batch padded with row 0 and ``mask`` False."""
-        global_size = batch_size * self.process_count
-        num_batches = -(-len(labels) // global_size)
-        for b in range(num_batches):
-            rows = np.arange(b * global_size, (b + 1) * global_size)[self._process_slice(global_size)]
-            valid = rows < len(labels)
-            rows = np.where(valid, rows, 0)
-            yield {"inputs": inputs[rows], "label": labels[rows], "mask": valid}
+        return pipeline.eval_iterator(
+            lambda rows, valid: {"inputs": inputs[rows], "label": labels[rows]}, num_examples=len(labels),
+            batch_size=batch_size, process_index=self.process_index, process_count=self.process_count,
+            options=READ_OPTIONS,
+        )
 
 
 def check_targets(targets, what: str = "targets") -> None:
@@ -140,25 +142,3 @@ def carve_validation(inputs, labels, fraction: float, seed: int) -> tuple[np.nda
     inputs, labels = np.asarray(inputs), np.asarray(labels)
     held_out = held_out_mask(len(labels), fraction, seed)
     return inputs[~held_out], labels[~held_out], inputs[held_out], labels[held_out]
-
-
-def train_rows(num_examples: int, global_batch: int, *, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
-    """The training batch order: row indices ``[global_batch]`` of step ``start_step``, then the next, ...
-
-    Each epoch is a fresh permutation seeded by ``(seed, epoch)`` with the remainder dropped, so
-    step ``s`` reads the same rows whatever step a run (re)starts at and whatever the device count.
-    """
-    steps_per_epoch = num_examples // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"the global batch ({global_batch}) is larger than the training set "
-            f"({num_examples} examples); lower config.data.batch_size."
-        )
-    step, epoch, order = start_step, -1, None
-    while True:
-        if step // steps_per_epoch != epoch:
-            epoch = step // steps_per_epoch
-            order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-        start = (step % steps_per_epoch) * global_batch
-        yield order[start : start + global_batch]
-        step += 1

@@ -9,6 +9,15 @@ import numpy as np
 
 Batch = dict[str, np.ndarray]
 
+
+class DataError(ValueError):
+    """Data that cannot be used as they are: a damaged record or file, data in a format softnce no longer
+    reads. The message names the file (and record, where known) and how to fix it."""
+
+
+class DataNotPreparedError(FileNotFoundError):
+    """A dataset that was never prepared; the message ends with the command that prepares it."""
+
 # ``f(keys [N], inputs [N, ...]) -> float32 inputs``: jittable, one PRNG key per example.
 DeviceTrainTransform = Callable[[Any, Any], Any]
 # ``f(inputs [N, ...]) -> float32 inputs``: jittable.
@@ -67,11 +76,13 @@ class Dataset(abc.ABC):
 
     @abc.abstractmethod
     def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0) -> Iterator[Batch]:
-        """Endless shuffled training batches of ``batch_size`` (this process's share).
+        """Endless shuffled training batches of ``batch_size`` (this process's share), from step ``start_step``.
 
-        Deterministic in ``(seed, start_step)``: a run resumed at ``start_step`` continues with the
-        batches an uninterrupted run would have seen where the dataset can skip exactly (in-memory
-        datasets), and reshuffles with a step-dependent seed otherwise (documented per dataset).
+        Deterministic in ``(seed, start_step)``. The package's datasets return a
+        ``grain.DatasetIterator`` (:func:`softnce.data.pipeline.train_iterator`): the trainer saves
+        its ``get_state()`` with every checkpoint and restores it on resume, so a resumed run reads
+        exactly the batches of an uninterrupted one. Any other iterator is restarted at the resumed
+        step through ``start_step``.
         """
 
     @abc.abstractmethod

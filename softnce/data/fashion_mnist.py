@@ -24,10 +24,13 @@ when training). Every IDX file is checked before anything is written: the magic 
 image size (28x28), the byte length against the header (a truncated file is an error that names it)
 and the number of labels against the number of images.
 
+The prepared data are ``array_record`` files (tfds's ``file_format='array_record'``; images stored
+as PNG, as tfds's own builder stores them), written and read without TensorFlow.
+
 Training reads both splits into memory once per process (:func:`load_split`, cached), scales the
 pixels to ``(x / 255 - MEAN) / STD`` (float32 ``[n, 28, 28, 1]``), carves the validation split off
 the training split (``config.data.validation_fraction``) and serves them through
-:class:`~softnce.data.arrays.ArrayDataset`: exact, resumable shuffling, no input augmentation
+:class:`~softnce.data.arrays.ArrayDataset` (the Grain pipeline: exact, resumable shuffling), no input augmentation
 besides the MixUp/CutMix and label smoothing of ``config.augment``.
 """
 
@@ -35,22 +38,19 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
 import os
 import struct
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
-from softnce.data import array_augment
+from softnce.data import array_augment, records
 from softnce.data.arrays import ArrayDataset, carve_validation
-
-try:  # TensorFlow only reads the data; it must never take the accelerator's memory.
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:
-    pass
 
 NAME = "fashion_mnist"
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
@@ -90,15 +90,14 @@ def find_idx_file(directory: str, stem: str) -> str | None:
     """``directory/stem.gz`` or ``directory/stem`` (the first that exists), else ``None``."""
     for name in (stem + ".gz", stem):
         path = os.path.join(directory, name)
-        if tf.io.gfile.exists(path):
+        if epath.Path(path).exists():
             return path
     return None
 
 
 def _read_bytes(path: str) -> bytes:
     """The decompressed contents of ``path`` (gzip detected by its magic bytes, not the name)."""
-    with tf.io.gfile.GFile(path, "rb") as f:
-        raw = f.read()
+    raw = epath.Path(path).read_bytes()
     if raw[:2] != b"\x1f\x8b":
         return raw
     try:
@@ -222,7 +221,14 @@ class FashionMnist(tfds_mnist.FashionMNIST, skip_registration=True):
         if num_examples is not None and len(images) != num_examples:
             raise ValueError(f"{data_path} holds {len(images)} images; the official split has {num_examples}.")
         for index in range(len(images)):
-            yield index, {"image": images[index][..., None], "label": int(labels[index])}
+            yield index, {"image": encode_png(images[index]), "label": int(labels[index])}
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 ``[28, 28]`` -> PNG bytes (Pillow; tfds's builder stores PNG too)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def prepare(data_dir: str | None, idx_dir: str | None = DEFAULT_IDX_DIR, *, download: bool = False) -> FashionMnist:
@@ -236,7 +242,7 @@ def prepare(data_dir: str | None, idx_dir: str | None = DEFAULT_IDX_DIR, *, down
       ValueError: a damaged IDX file (nothing is written).
       RuntimeError: the download failed (e.g. no internet); the message gives both ways to prepare.
     """
-    builder = FashionMnist(data_dir=data_dir)
+    builder = FashionMnist(data_dir=data_dir, file_format=records.FILE_FORMAT)
     stems = [s for pair in IDX_FILES.values() for s in pair]
     present = [s for s in stems if idx_dir and find_idx_file(idx_dir, s)]
     if present and not download:
@@ -248,24 +254,23 @@ def prepare(data_dir: str | None, idx_dir: str | None = DEFAULT_IDX_DIR, *, down
             )
         for split in IDX_FILES:  # check every file before tfds writes anything
             read_idx_split(idx_dir, split)
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=idx_dir))
+        records.prepare(builder, tfds.download.DownloadConfig(manual_dir=idx_dir))
         return builder
     if not download:
         print(f"no Fashion-MNIST IDX files in {idx_dir}; downloading them with tfds", flush=True)
     try:
-        builder.download_and_prepare()
+        records.prepare(builder)
     except Exception as error:  # network errors come in many types; the cause is kept
         raise RuntimeError(f"Downloading Fashion-MNIST failed ({error}).\n" + prepare_commands(data_dir)) from error
     return builder
 
 
 def assert_prepared(builder: tfds.core.DatasetBuilder) -> None:
-    """Raises FileNotFoundError with both preparation commands unless ``builder`` is prepared."""
-    if not builder.is_prepared():
-        data_dir = os.fspath(builder.data_dir_root)
-        raise FileNotFoundError(
-            f"Dataset {NAME!r} is not prepared: no {builder.data_dir}.\n" + prepare_commands(data_dir)
-        )
+    """Raises unless ``builder`` is prepared as array_record: FileNotFoundError with both preparation
+    commands, or :class:`~softnce.data.base.DataError` for data prepared as TFRecord."""
+    data_dir = records.data_dir_root(builder)
+    records.assert_prepared(builder, prepare_commands(data_dir),
+                            f"python -m softnce.data.fashion_mnist --data_dir {data_dir}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,8 +287,9 @@ def load_split(data_dir: str | None, split: str) -> tuple[np.ndarray, np.ndarray
     """
     builder = FashionMnist(data_dir=data_dir)
     assert_prepared(builder)
-    images, labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, as_supervised=True))
-    return images, labels.astype(np.int32)
+    source = records.RecordSource(builder, split, skip_decoding=())
+    examples = source.read(range(len(source)))
+    return np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples], np.int32)
 
 
 def normalize(images: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Any prepared tfds classification dataset, held in memory, with an optional soft-label feature.
 
-Registered as ``tfds_arrays``. It reads two splits of a tfds dataset once per process (so it is for
+Registered as ``tfds_arrays``. It reads two splits of a tfds dataset prepared as ``array_record``
+(:mod:`softnce.data.records`; no TensorFlow) once per process (so it is for
 data that fit in memory: MNIST- or CIFAR-sized), carves the validation split off the training split
 and serves them through :class:`~softnce.data.arrays.ArrayDataset` (exact, resumable shuffling).
 A soft-label feature, e.g. the annotator votes of CIFAR-10H stored with each image, becomes the
@@ -28,15 +29,10 @@ from __future__ import annotations
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from softnce.data import records
 from softnce.data.arrays import ArrayDataset, check_targets, held_out_mask
-
-try:  # TensorFlow only reads the data; it must never take the accelerator's memory.
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:
-    pass
 
 
 def soft_targets(values: np.ndarray, what: str) -> np.ndarray:
@@ -54,13 +50,15 @@ def soft_targets(values: np.ndarray, what: str) -> np.ndarray:
 
 
 def _read_split(builder, split: str, keys: list[str]) -> dict[str, np.ndarray]:
-    dataset = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False)
-    arrays = tfds.as_numpy(dataset)
-    missing = [k for k in keys if k not in arrays]
+    """The features ``keys`` of every example of ``split``, stacked ``[n, ...]``."""
+    features = set(builder.info.features.keys())
+    missing = [k for k in keys if k not in features]
     if missing:
         raise ValueError(f"tfds dataset {builder.info.full_name} has no feature {', '.join(missing)}; its features are "
-                         f"{', '.join(sorted(arrays))} (config.data.image_key / label_key / targets_key).")
-    return {k: arrays[k] for k in keys}
+                         f"{', '.join(sorted(features))} (config.data.image_key / label_key / targets_key).")
+    source = records.RecordSource(builder, split, skip_decoding=())
+    examples = source.read(range(len(source)))
+    return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
 
 
 def make_tfds_arrays_dataset(config: ml_collections.ConfigDict, *, process_index: int,
@@ -72,9 +70,9 @@ def make_tfds_arrays_dataset(config: ml_collections.ConfigDict, *, process_index
         builder = tfds.builder(config.tfds_name, data_dir=config.get("data_dir"))
     except Exception as error:  # noqa: BLE001  (tfds raises several kinds for an unknown or absent dataset)
         raise ValueError(f"config.data.tfds_name={config.tfds_name!r}: {' '.join(str(error).split())[:400]}") from None
-    if not builder.is_prepared():
-        raise FileNotFoundError(f"tfds dataset {config.tfds_name!r} is not prepared in {builder.data_dir}; prepare it "
-                                "first (tfds build, or your own builder's download_and_prepare).")
+    records.assert_prepared(
+        builder, "Prepare it first with its builder: download_and_prepare(file_format='array_record').",
+        f"its builder's download_and_prepare(file_format='array_record'), after moving {builder.data_dir} aside")
     image_key, label_key = config.get("image_key") or "image", config.get("label_key") or "label"
     targets_key = config.get("targets_key")
     train_keys = [image_key, label_key] + ([targets_key] if targets_key else [])

@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
 FOLDER = "tiny-imagenet-200"
 ZIP_NAME = "tiny-imagenet-200.zip"
@@ -64,10 +64,10 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
 def find_root(manual_dir: str, dl_manager: tfds.download.DownloadManager | None = None) -> str:
     """The ``tiny-imagenet-200`` folder inside ``manual_dir`` (extracting the zip when needed)."""
     for candidate in (os.path.join(manual_dir, FOLDER), manual_dir):
-        if tf.io.gfile.exists(os.path.join(candidate, "wnids.txt")):
+        if epath.Path(candidate, "wnids.txt").exists():
             return candidate
     zip_path = os.path.join(manual_dir, ZIP_NAME)
-    if dl_manager is not None and tf.io.gfile.exists(zip_path):
+    if dl_manager is not None and epath.Path(zip_path).exists():
         return os.path.join(os.fspath(dl_manager.extract(zip_path)), FOLDER)
     raise FileNotFoundError(
         f"No Tiny ImageNet in {manual_dir}: expected {FOLDER}/wnids.txt or {ZIP_NAME} there. "
@@ -76,8 +76,8 @@ def find_root(manual_dir: str, dl_manager: tfds.download.DownloadManager | None 
 
 def read_wnids(root: str) -> dict[str, int]:
     """WordNet id -> label (position in sorted order) from ``wnids.txt``."""
-    with tf.io.gfile.GFile(os.path.join(root, "wnids.txt")) as f:
-        wnids = sorted({line.strip() for line in f if line.strip()})
+    lines = epath.Path(root, "wnids.txt").read_text().splitlines()
+    wnids = sorted({line.strip() for line in lines if line.strip()})
     if not 0 < len(wnids) <= NUM_CLASSES:
         raise ValueError(f"{root}/wnids.txt lists {len(wnids)} classes; Tiny ImageNet has {NUM_CLASSES}.")
     return {wnid: label for label, wnid in enumerate(wnids)}
@@ -87,8 +87,8 @@ def train_files(root: str, wnids: dict[str, int]) -> list[tuple[str, int]]:
     """``(path, label)`` of every ``train/<wnid>/images/*.JPEG``."""
     files = []
     for wnid, label in wnids.items():
-        pattern = os.path.join(root, "train", wnid, "images", "*.JPEG")
-        files += [(path, label) for path in sorted(tf.io.gfile.glob(pattern))]
+        folder = epath.Path(root, "train", wnid, "images")
+        files += [(os.fspath(path), label) for path in sorted(folder.glob("*.JPEG"))]
     if not files:
         raise FileNotFoundError(f"No training images {root}/train/<wnid>/images/*.JPEG.")
     return files
@@ -97,12 +97,12 @@ def train_files(root: str, wnids: dict[str, int]) -> list[tuple[str, int]]:
 def validation_files(root: str, wnids: dict[str, int]) -> list[tuple[str, int]]:
     """``(path, label)`` of the validation images listed in ``val/val_annotations.txt``."""
     files = []
-    with tf.io.gfile.GFile(os.path.join(root, "val", "val_annotations.txt")) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            name, wnid = line.split("\t")[:2]
-            if wnid not in wnids:
-                raise ValueError(f"val_annotations.txt line {line_number}: class {wnid!r} is not in wnids.txt.")
-            files.append((os.path.join(root, "val", "images", name), wnids[wnid]))
+    lines = epath.Path(root, "val", "val_annotations.txt").read_text().splitlines()
+    for line_number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        name, wnid = line.split("\t")[:2]
+        if wnid not in wnids:
+            raise ValueError(f"val_annotations.txt line {line_number}: class {wnid!r} is not in wnids.txt.")
+        files.append((os.path.join(root, "val", "images", name), wnids[wnid]))
     return files

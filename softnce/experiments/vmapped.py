@@ -4,7 +4,7 @@ For models small enough that one device trains many of them in parallel (the toy
 of a grid (seeds, label settings) trains in one ``jax.jit(jax.vmap(run))`` call, where ``run``
 initialises the params and optimiser as :func:`softnce.train.create_train_state` does and scans
 :func:`softnce.train.train_step` (``axis_name=None``) over the batches of
-:func:`softnce.data.arrays.train_rows`, the trainer's batch order. A run of this engine with seed
+:class:`softnce.data.pipeline.GlobalOrder`, the trainer's batch order. A run of this engine with seed
 ``s`` therefore follows the same key split, batch order and steps as ``python -m softnce.main``
 with ``config.seed = s`` on the same in-memory data (``tests/test_toy.py`` checks it).
 """
@@ -18,14 +18,14 @@ import jax
 import numpy as np
 
 from softnce import losses, models, optim, targets, train
-from softnce.data.arrays import train_rows
+from softnce.data.pipeline import GlobalOrder
 
 
 @functools.lru_cache(maxsize=16)
 def batch_rows(seed: int, num_examples: int, batch_size: int, num_steps: int) -> np.ndarray:
     """Row indices ``[num_steps, batch_size]`` of the trainer's batches for ``seed`` (cached; read-only)."""
-    order = train_rows(num_examples, batch_size, seed=seed)
-    rows = np.stack([next(order) for _ in range(num_steps)]).astype(np.int32)
+    order = GlobalOrder(num_examples, batch_size, seed=seed)
+    rows = np.stack([order(step) for step in range(num_steps)]).astype(np.int32)
     rows.flags.writeable = False
     return rows
 
