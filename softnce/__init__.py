@@ -8,7 +8,7 @@ The package's stable public names are those of its light core, :mod:`softnce.los
     loss = softnce.soft_target_infonce(logits, targets, log_noise_probs=softnce.log_class_prior(labels, C))
 
 They are loaded on first use, so ``import softnce`` (and ``import softnce.cli``) imports neither jax
-nor TensorFlow, Flax, orbax or matplotlib; ``from softnce import soft_target_infonce`` imports
+nor Flax, orbax, Grain or matplotlib; ``from softnce import soft_target_infonce`` imports
 :mod:`softnce.losses` only. The trainer, the models, the data pipelines and the checkpoints stay in
 their modules (:mod:`softnce.train`, :mod:`softnce.models`, :mod:`softnce.data`,
 :mod:`softnce.checkpointing`). docs/own_loop.md shows the core in a training loop of one's own.

@@ -2,8 +2,8 @@
 
 Every entry point (``softnce.main``, ``softnce.evaluate``, ``softnce.export``) reports a command
 line it cannot run as exactly one line on stderr, ``softnce: error: <message>``, and exits with
-code 2 (:func:`fail`). The checks here need neither jax nor TensorFlow, so such an error comes
-before either is imported (in well under 2 s) and before any of their start-up log lines.
+code 2 (:func:`fail`). The checks here need no jax and no data library, so such an error comes
+before they are imported (in well under 2 s) and before any of their start-up log lines.
 
 - :func:`absl_flags_parser` is the ``flags_parser`` of ``absl.app.run`` for ``softnce.main``: a
   config file that does not exist (with the nearest file name as a suggestion), a bad variant key
@@ -116,7 +116,7 @@ def absl_flags_parser(argv: Sequence[str]) -> list[str]:
     """``flags_parser`` for ``absl.app.run``: parses ``argv`` into ``absl.flags.FLAGS``; any error is one line.
 
     Checks the ``--config`` file exists before ml_collections loads it (its own error would only
-    surface when the config is first read, after jax and TensorFlow are imported).
+    surface when the config is first read, after jax is imported).
     """
     from absl import flags
 

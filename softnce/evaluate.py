@@ -217,7 +217,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         train.validate_config(config)
     except ConfigError as error:
         cli.fail(error)
-    # TensorFlow is imported only by the datasets that read with it, and those keep it off the accelerators.
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     try:
         evaluate_checkpoint(args.workdir, step=args.step, split=args.split, config=config,

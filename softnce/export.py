@@ -9,7 +9,7 @@ names, ``t*``, the training temperature, the class prior, the input shape and dt
 config), ``logits`` and ``predict_proba`` serialised with ``jax.export`` (StableHLO with a symbolic
 batch dimension; the dataset's evaluation input transform included), and ``load.py``, a loader that
 imports only jax and numpy (:mod:`softnce.export_loader`). Loading and predicting need neither
-softnce, Flax nor TensorFlow; ``load`` is imported as a plain module, with ``DIR`` on the import path
+softnce nor Flax; ``load`` is imported as a plain module, with ``DIR`` on the import path
 (the working directory of ``python -c`` or an interactive python, or ``PYTHONPATH=DIR``)::
 
     cd DIR && python -c "import load; model = load.load('.'); ..."

@@ -10,7 +10,7 @@ This file is copied into every export as ``load.py``, beside the artefact it loa
 
 Both functions are StableHLO with a symbolic batch dimension ``b`` and include the dataset's
 evaluation input transform, so ``x`` is what the dataset's eval pipeline yields (see
-``metadata['input']``: shape and dtype of one example). Use it without softnce, Flax or TensorFlow,
+``metadata['input']``: shape and dtype of one example). Use it without softnce or Flax,
 importing it as the module ``load`` with the export directory on the import path: run ``python -c``
 or an interactive python in it (``cd EXPORT_DIR``), or set ``PYTHONPATH=EXPORT_DIR`` (needed for a
 script kept elsewhere, whose own directory, not the working one, comes first on Python's import path)::

@@ -14,12 +14,15 @@ from softnce import _extras
 if _extras.MISSING_TRAIN:
     raise _extras.missing_extra("train", __name__)
 
+import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ start-up logging (jaxlib reads this variable)
 
-from softnce import cli  # no jax
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from softnce import cli  # noqa: E402  (no jax)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/digits.py:loss=nll.", lock_config=True

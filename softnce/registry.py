@@ -13,7 +13,7 @@ imports it before the config is read::
         return MyNet(num_classes=num_classes, **kwargs)
 
 :func:`lazy` makes an entry that imports its module only when it is first called (the datasets use
-it, so TensorFlow is imported only by a run that reads a TensorFlow dataset).
+it, so tensorflow-datasets is imported only by a run that reads a tfds dataset).
 """
 
 from __future__ import annotations

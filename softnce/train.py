@@ -15,8 +15,9 @@ data (``batch['targets']``), smoothed and mixed the same way; with ``config.dist
 teacher's distribution on the student's (mixed) inputs is mixed in (:mod:`softnce.distill`).
 
 Start-up order: resume from the newest intact checkpoint in ``workdir/checkpoints`` (a damaged newer
-one is reported and moved aside), with the training batches' iterator at its saved position, else the params of ``config.init.checkpoint`` (an earlier run),
-else ``config.init.pretrained`` (converted MAE weights without the head), else from scratch.
+one is reported and moved aside; the training batches' iterator restarts at its saved position),
+else the params of ``config.init.checkpoint`` (an earlier run), else ``config.init.pretrained``
+(converted MAE weights without the head), else from scratch.
 
 Dispatch: at most ``config.max_steps_in_flight`` train steps are dispatched ahead of the host (1 on
 CPU, 2 on accelerators by default), and nothing else with collectives is dispatched while a step is

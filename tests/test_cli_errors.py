@@ -19,7 +19,7 @@ WRAPPER = """
 import atexit, json, runpy, sys
 report, module, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 atexit.register(lambda: open(report, "w").write(json.dumps(sorted(
-    m for m in ("jax", "tensorflow", "flax") if m in sys.modules))))
+    m for m in ("jax", "tensorflow", "tensorflow_datasets", "flax") if m in sys.modules))))
 sys.argv = [module, *args]
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
@@ -78,12 +78,12 @@ def test_main_command_line_errors_come_before_jax(args, message, tmp_path, cli_e
     (["--config.optim.base_lr=-1"], "config.optim.base_lr = -1.0 is out of range"),
     (["--config.data.batch_size=60", "--num_cpu_devices=8"], "batch_size=60 does not divide over the 8 devices"),
 ])
-def test_main_config_value_errors_come_before_tensorflow(args, message, tmp_path, cli_env):
+def test_main_config_value_errors_come_before_any_data_library(args, message, tmp_path, cli_env):
     workdir = tmp_path / "w"
     rc, out, err, imported, wall, _ = run_cli(
         "softnce.main", ["--config=configs/digits.py", *args, f"--workdir={workdir}"], tmp_path, cli_env)
     assert_one_line_error(rc, out, err, message)
-    assert "tensorflow" not in imported, imported
+    assert "tensorflow" not in imported and "tensorflow_datasets" not in imported, imported
     print(f"{args}: {wall:.2f} s wall")
     assert not workdir.exists()
 

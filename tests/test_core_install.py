@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-HEAVY = ("tensorflow", "tensorflow_datasets", "flax", "orbax", "matplotlib", "sklearn", "ml_collections", "clu")
+HEAVY = ("grain", "tensorflow_datasets", "flax", "orbax", "matplotlib", "sklearn", "ml_collections", "tensorboardX")
 
 # Makes the train extra's packages (HEAVY) look uninstalled in a fresh interpreter: a ``None`` entry in
 # ``sys.modules`` makes ``import`` raise ModuleNotFoundError and ``importlib.util.find_spec`` return None.

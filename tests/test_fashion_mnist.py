@@ -1,9 +1,11 @@
 """Fashion-MNIST: the IDX reader, the tfds preparation, the in-memory dataset, the CNN, the real CLI and
 the comparison script, all on small IDX files written here (no package, no internet needed)."""
 
+import glob
 import gzip
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -247,6 +249,48 @@ def test_cli_trains_fashion_mnist_end_to_end(prepared, tmp_path, cli_env):
     config = json.load(open(workdir / "config.json"))
     assert config["data"]["name"] == "fashion_mnist" and config["model"]["name"] == "small_cnn"
     assert config["augment"]["mixup_alpha"] == 0.8 and config["augment"]["label_smoothing"] == 0.1
+
+
+def _copy_prepared(data_dir, destination):
+    import shutil
+
+    shutil.copytree(data_dir, destination)
+    (train_file,) = glob.glob(os.path.join(destination, "fashion_mnist", "*", "fashion_mnist-train.array_record-*"))
+    return train_file
+
+
+def _cli_error_lines(data_dir, workdir, cli_env):
+    cmd = [sys.executable, "-m", "softnce.main", "--config=configs/fashion_mnist.py:loss=nll,steps=4",
+           *tiny_args(str(data_dir)), f"--workdir={workdir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
+    return proc.returncode, [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+def test_damaged_record_stops_the_cli_with_one_line_naming_file_and_record(prepared, tmp_path, cli_env):
+    train_file = _copy_prepared(prepared[0], tmp_path / "data")
+    damaged = bytearray(open(train_file, "rb").read())
+    middle = len(damaged) // 2
+    damaged[middle : middle + 512] = bytes(b ^ 0x5A for b in damaged[middle : middle + 512])
+    open(train_file, "wb").write(bytes(damaged))
+    code, lines = _cli_error_lines(tmp_path / "data", tmp_path / "run", cli_env)
+    assert code == 2 and len(lines) == 1, lines
+    expected = (rf"softnce: error: damaged record in fashion_mnist train: {re.escape(train_file)}, "
+                r"record \d+ \(RuntimeError: .*Corrupted.*\)\. Prepare the dataset again .*")
+    assert re.fullmatch(expected, lines[0]), lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any training step
+
+
+def test_tfrecord_data_gets_one_line_with_the_rebuild_command(prepared, tmp_path, cli_env):
+    _copy_prepared(prepared[0], tmp_path / "data")
+    (info_path,) = glob.glob(str(tmp_path / "data" / "fashion_mnist" / "*" / "dataset_info.json"))
+    info = json.load(open(info_path))
+    info["fileFormat"] = "tfrecord"
+    json.dump(info, open(info_path, "w"))
+    code, lines = _cli_error_lines(tmp_path / "data", tmp_path / "run", cli_env)
+    assert code == 2 and len(lines) == 1, lines
+    assert "was prepared as TFRecord" in lines[0]
+    assert lines[0].endswith(f"rebuild it as array_record with: python -m softnce.data.fashion_mnist "
+                             f"--data_dir {tmp_path / 'data'}"), lines[0]
 
 
 def test_config_uses_hard_labels_for_nll_and_infonce():

@@ -43,6 +43,18 @@ def test_nothing_edits_the_import_path_or_loads_files_by_path(path):
     assert not by_path, f"{path} loads Python files by path at lines {by_path}"
 
 
+def test_no_tensorflow_anywhere():
+    """No module imports TensorFlow, no extra depends on it, and the test environment does not hold it."""
+    importers = [os.path.relpath(p, REPO) for p in PYTHON_FILES
+                 if any(name == "tensorflow" or name.startswith("tensorflow.") for name in _imported_modules(p))]
+    assert not importers, importers
+    setup = open(os.path.join(REPO, "setup.py")).read()
+    assert "tensorflow-cpu" not in setup and '"tensorflow>' not in setup and '"tensorflow"' not in setup
+    import importlib.util
+
+    assert importlib.util.find_spec("tensorflow") is None, "TensorFlow is installed in the test environment"
+
+
 @pytest.mark.parametrize("script", ["toy_experiment.py", "digits_comparison.py"])
 def test_script_command_line_answers(script):
     proc = subprocess.run([sys.executable, os.path.join("experiments", script), "--help"], cwd=REPO,

@@ -10,7 +10,7 @@ import pytest
 
 import softnce
 
-HEAVY = ("tensorflow", "flax", "orbax", "matplotlib")
+HEAVY = ("tensorflow_datasets", "grain", "flax", "orbax", "matplotlib")
 
 
 def _modules_after(code: str) -> list[str]:

@@ -189,10 +189,40 @@ def test_a_users_soft_target_dataset_trains_with_mixup_through_the_cli(tmp_path,
 # --------------------------------------------------------------------------------------------------
 
 
-def test_tfds_dataset_with_a_vote_count_feature(tmp_path):
-    tf = pytest.importorskip("tensorflow")
-    import tensorflow_datasets as tfds
+def _store_tfds(name: str, data_dir, splits: dict) -> None:
+    """Prepares ``splits`` (``{split: {feature: [n, ...]}}``) as the array_record tfds dataset ``name``."""
+    import io
 
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    def png(image):
+        buffer = io.BytesIO()
+        Image.fromarray(image[..., 0]).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    class Votes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(4, 4, 1)),
+                "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+                "votes": tfds.features.Tensor(shape=(C,), dtype=np.int64)}), disable_shuffling=True)
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(arrays) for split, arrays in splits.items()}
+
+        def _generate_examples(self, arrays):
+            for i in range(len(arrays["label"])):
+                yield i, {"image": png(arrays["image"][i]), "label": int(arrays["label"][i]),
+                          "votes": arrays["votes"][i]}
+
+    Votes.name = name
+    Votes(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+
+
+def test_tfds_dataset_with_a_vote_count_feature(tmp_path):
     rng = np.random.default_rng(0)
     splits = {}
     for split, n in (("train", 40), ("test", 10)):
@@ -200,14 +230,7 @@ def test_tfds_dataset_with_a_vote_count_feature(tmp_path):
         votes = rng.integers(0, 3, (n, C)) + 2 * np.eye(C, dtype=np.int64)[labels]
         images = rng.integers(0, 256, (n, 4, 4, 1), dtype=np.uint8)
         splits[split] = dict(image=images, label=labels, votes=votes.astype(np.int64))
-    features = tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(4, 4, 1)), "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
-        "votes": tfds.features.Tensor(shape=(C,), dtype=np.int64),
-    })
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name="soft_votes_test", version="1.0.0", features=features, data_dir=str(tmp_path), disable_shuffling=True,
-        split_datasets={k: tf.data.Dataset.from_tensor_slices(v) for k, v in splits.items()},
-    )
+    _store_tfds("soft_votes_test", tmp_path, splits)
     config = ml_collections.ConfigDict(dict(name="tfds_arrays", tfds_name="soft_votes_test", data_dir=str(tmp_path),
                                             targets_key="votes", validation_fraction=0.25, validation_seed=0))
     dataset = get_dataset(config)
@@ -224,10 +247,6 @@ def test_tfds_dataset_with_a_vote_count_feature(tmp_path):
     # A row without votes is named before training.
     bad = dict(splits["train"], votes=np.vstack([splits["train"]["votes"][:5], np.zeros((1, C), np.int64),
                                                  splits["train"]["votes"][6:]]))
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name="soft_votes_bad", version="1.0.0", features=features, data_dir=str(tmp_path), disable_shuffling=True,
-        split_datasets={"train": tf.data.Dataset.from_tensor_slices(bad),
-                        "test": tf.data.Dataset.from_tensor_slices(splits["test"])},
-    )
+    _store_tfds("soft_votes_bad", tmp_path, {"train": bad, "test": splits["test"]})
     with pytest.raises(ValueError, match=r"feature 'votes': targets row 5 has non-finite entries"):
         get_dataset(ml_collections.ConfigDict(dict(config, tfds_name="soft_votes_bad")))

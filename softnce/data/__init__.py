@@ -8,8 +8,8 @@ imported with ``python -m softnce.main --import_modules=...``. Soft targets give
 the dataset as an :class:`~softnce.data.arrays.ArrayDataset` with ``train_targets``, or use the ``npz``
 (``.npz`` files, :mod:`softnce.data.npz`) or ``tfds_arrays`` (a tfds soft-label feature,
 :mod:`softnce.data.tfds_arrays`) datasets. The package's own entries are
-:func:`softnce.registry.lazy`, so a dataset's module (TensorFlow for the image datasets) is imported
-only when that dataset is built.
+:func:`softnce.registry.lazy`, so a dataset's module (tensorflow-datasets for the tfds datasets) is
+imported only when that dataset is built.
 """
 
 from __future__ import annotations

@@ -19,12 +19,12 @@ a training crop box gives exactly the pixels timm would give:
   ``int(short' * long / short)``) then ``CenterCrop(S)`` (offsets ``round((H' - S) / 2)``), resampling
   only the kept pixels (within 2 grey levels of resize-then-crop, on under 1% of pixels).
 
-The randomness is stateless: :func:`random_resized_crop` takes a 2-word seed (from
-``tf.random.experimental.stateless_fold_in`` in the tf.data pipeline) and draws from
+The randomness is stateless: :func:`random_resized_crop` takes a 2-word seed (the run's
+crop key and the example's position in the global stream, :mod:`softnce.data.images`) and draws from
 ``numpy.random.Philox(key=seed)``, so a pipeline is a pure function of its seeds.
 
-Pillow releases the GIL while it decodes and resamples, so ``tf.numpy_function`` calls of these
-functions run in parallel in tf.data's threads.
+Pillow releases the GIL while it decodes and resamples, so these functions run in parallel in
+Grain's reader threads.
 """
 
 from __future__ import annotations

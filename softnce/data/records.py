@@ -14,6 +14,7 @@ module is the one place that opens them:
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Sequence
 
@@ -23,13 +24,25 @@ from tensorflow_datasets.core.data_sources import base as data_sources_base
 
 from softnce.data.base import DataError, DataNotPreparedError
 
+# tfds decodes images with Pillow where OpenCV is absent and says so in a warning on every run; Pillow is
+# what softnce decodes with anyway (timm's decoder), so that warning is dropped.
+logging.getLogger("absl").addFilter(lambda record: "OpenCV is not installed" not in record.getMessage())
+
 FILE_FORMAT = "array_record"
 GENERATE_AGAIN = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # keep downloads, write the records anew
 
 
 def builder(name: str, data_dir: str | None, **kwargs) -> tfds.core.DatasetBuilder:
-    """``tfds.builder(name)`` in ``data_dir`` that prepares ``array_record`` files."""
-    return tfds.builder(name, data_dir=data_dir, file_format=FILE_FORMAT, **kwargs)
+    """``tfds.builder(name)`` in ``data_dir`` that prepares ``array_record`` files.
+
+    Data already prepared keep the format they were prepared in (``tfds.builder(file_format=...)``
+    refuses to open data prepared as TFRecord), so that :func:`assert_prepared` can name the command
+    that rebuilds them and :func:`prepare` can rebuild them.
+    """
+    dataset_builder = tfds.builder(name, data_dir=data_dir, **kwargs)
+    if not is_tfrecord(dataset_builder):
+        dataset_builder.info.set_file_format(FILE_FORMAT, override=True, override_if_initialized=True)
+    return dataset_builder
 
 
 def is_tfrecord(dataset_builder: tfds.core.DatasetBuilder) -> bool:
@@ -58,6 +71,7 @@ def prepare(dataset_builder: tfds.core.DatasetBuilder, download_config=None) -> 
     download_config = download_config or tfds.download.DownloadConfig()
     if is_tfrecord(dataset_builder):
         download_config.download_mode = GENERATE_AGAIN
+        dataset_builder.info.set_file_format(FILE_FORMAT, override=True, override_if_initialized=True)
     dataset_builder.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
 
 
@@ -68,7 +82,8 @@ class RecordSource:
     bytes). Thread-safe (Grain's reader threads share one source).
     """
 
-    def __init__(self, dataset_builder: tfds.core.DatasetBuilder, split: str, skip_decoding: Sequence[str] = ("image",)):
+    def __init__(self, dataset_builder: tfds.core.DatasetBuilder, split: str,
+                 skip_decoding: Sequence[str] = ("image",)):
         self.name, self.split = dataset_builder.name, split
         decoders = {key: tfds.decode.SkipDecoding() for key in skip_decoding}
         self._source = dataset_builder.as_data_source(split=split, decoders=decoders or None)

@@ -11,19 +11,25 @@ share of the cores that other jobs left; the all-core rates are wall-clock throu
 
 * **train transform** (the recipe: decode, random resized crop to 224 bicubic, flip, RandAugment
   ``rand-m9-mstd0.5-inc1``, normalise, random erasing 0.25):
-  - softnce host side: ``ImageDataset.train_preprocess`` (Pillow decode + crop + resize through
-    ``tf.numpy_function``) mapped in a tf.data pipeline with a private pool of 1 / all threads; the
-    rest of the recipe runs on the accelerator (its cost on this CPU is reported separately);
+  - softnce host side: the trainer's host work, ``image_augment.random_resized_crop`` (Pillow
+    decode + random resized crop, seeded per example), as a Grain pipeline over the JPEG bytes whose
+    elements are batches of 16 images (one element = one batch, as in the trainer), read by
+    ``grain.ReadOptions(num_threads=1)`` / ``num_threads=os.cpu_count()`` Grain threads; the rest of
+    the recipe runs on the accelerator (its cost on this CPU is reported separately);
   - timm: ``create_transform(224, is_training=True, auto_augment='rand-m9-mstd0.5-inc1',
     interpolation='bicubic', re_prob=0.25, re_mode='pixel')`` on PIL images decoded from the same
     bytes, one process with ``torch.set_num_threads(1)``, or one such process per core (as DataLoader
     workers do);
-* **eval transform**: softnce ``ImageDataset.eval_preprocess`` (resize shorter side to 256 bicubic,
-  centre crop 224, uint8) against timm's ``create_transform(224)`` (the same plus ToTensor/Normalize);
+* **eval transform**: softnce ``image_augment.resize_and_center_crop`` (resize shorter side to 256
+  bicubic, centre crop 224, uint8) in the same Grain pipeline, against timm's ``create_transform(224)``
+  (the same plus ToTensor/Normalize);
 * **device half on this CPU**: the jitted ``device_train_transform`` (flip, RandAugment, normalise,
   erasing) on a uint8 batch, ms per image, with XLA's default threads (all cores);
-* **end to end**: ``ImageDataset.train_batches`` images/s from a real tfds dataset (this project's
-  Tiny ImageNet builder run on a folder of the photos), ``host_threads`` 1 and all cores.
+* **end to end**: ``ImageDataset.train_batches(32)`` images/s from a real dataset prepared as
+  ``array_record`` (this project's Tiny ImageNet builder run on a folder of the photos), read by
+  ``host_threads`` 1 and all cores Grain threads.
+
+No TensorFlow is used: the host side is Pillow in Grain's reader threads, as in the trainer.
 
 The last line is ``train transform per core: softnce <X> img/s, timm <Y> img/s, ratio <X/Y>``.
 
@@ -84,8 +90,9 @@ def encoded_photos() -> list[bytes]:
 
 
 # ----------------------------------------------------------------------------- softnce
-def build_tfds_dataset(root: str, jpegs: list[bytes], copies: int) -> str:
-    """A prepared tfds dataset (this project's Tiny ImageNet builder) of ``copies`` x the photos."""
+def build_array_record_dataset(root: str, jpegs: list[bytes], copies: int) -> str:
+    """A data directory with this project's Tiny ImageNet builder prepared as array_record on
+    ``copies`` x the photos (one class per photo)."""
     from softnce.data import images
 
     folder = os.path.join(root, "downloads", "manual", "tiny-imagenet-200")
@@ -115,40 +122,74 @@ def make_dataset(data_dir: str, host_threads: int | None, size: int = SIZE):
     from softnce.data import images
 
     config = images.default_image_config()
-    config.update(dict(name="tiny_imagenet", data_dir=data_dir, image_size=size, shuffle_buffer=256,
-                       host_threads=host_threads))
+    config.update(dict(name="tiny_imagenet", data_dir=data_dir, image_size=size, host_threads=host_threads))
     return images.make_image_dataset(config, process_index=0, process_count=1)
 
 
-def tf_rate(fn, jpegs: list[bytes], threads: int, seconds: float, batch: int = 16) -> tuple[float, float]:
-    """``fn(indices [B], images [B])`` mapped by tf.data over batches of the photos, on a private pool
-    of ``threads``: (img/s, img/CPU-s)."""
-    import tensorflow as tf
+def train_transform(size: int):
+    """The trainer's host work for example ``index``: decode + random resized crop seeded by ``(7, index)``."""
+    from softnce.data import image_augment
 
-    ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate().batch(batch)
-    ds = ds.map(fn, num_parallel_calls=threads, deterministic=True)
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = threads
-    options.threading.max_intra_op_parallelism = 1
-    return _iterate_rate(iter(ds.with_options(options)), batch, seconds)
+    return lambda jpeg, index: image_augment.random_resized_crop(jpeg, (7, index), size)
+
+
+def eval_transform(size: int):
+    """The evaluation host work: decode + resize the shorter side + centre crop."""
+    from softnce.data import image_augment
+
+    return lambda jpeg, index: image_augment.resize_and_center_crop(jpeg, size)
+
+
+def grain_rate(transform, jpegs: list[bytes], size: int, threads: int, seconds: float,
+               batch: int = 16) -> tuple[float, float]:
+    """``transform(jpeg, index) -> uint8 [S, S, 3]`` over the photos (repeated) as a Grain pipeline whose
+    element ``s`` is the batch of examples ``[B s, B (s + 1))`` (one element = one batch, as the
+    trainer's), read by ``threads`` Grain threads: (img/s, img/CPU-s)."""
+    import grain
+    import numpy as np
+
+    from softnce.data import pipeline
+
+    def load(step: int) -> dict:
+        inputs = np.empty((batch, size, size, 3), np.uint8)
+        labels = np.empty(batch, np.int32)
+        for i, index in enumerate(range(int(step) * batch, (int(step) + 1) * batch)):
+            labels[i] = index % len(jpegs)
+            inputs[i] = transform(jpegs[index % len(jpegs)], index)
+        return {"inputs": inputs, "label": labels}
+
+    dataset = grain.MapDataset.range(pipeline.NUM_STEPS).map(load)
+    options = pipeline.read_options(threads, default=threads)
+    return _iterate_rate(iter(dataset.to_iter_dataset(options)), batch, seconds)
 
 
 def _iterate_rate(iterator, batch: int, seconds: float) -> tuple[float, float]:
-    """(images per wall second, images per CPU second of this process, all its threads)."""
-    for _ in range(3):  # warm-up (tracing, thread start)
-        next(iterator)
-    count, start, cpu = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - start < seconds:
-        next(iterator)
-        count += batch
-    return count / (time.perf_counter() - start), count / (time.process_time() - cpu)
+    """(images per wall second, images per CPU second of this process, all its threads).
+
+    The iterator is closed afterwards (its Grain threads stop reading ahead), so that it does not
+    take CPU time from the next measurement.
+    """
+    try:
+        for _ in range(3):  # warm-up (thread start, first batches)
+            next(iterator)
+        count, start, cpu = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - start < seconds:
+            next(iterator)
+            count += batch
+        return count / (time.perf_counter() - start), count / (time.process_time() - cpu)
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
 
 
 def device_ms_per_image(dataset, batch: int, seconds: float) -> tuple[float, float]:
     """(wall ms, CPU ms) per image of the jitted ``device_train_transform`` on this machine's CPU."""
     import jax
 
-    crops = next(dataset.train_batches(batch, seed=0))["inputs"]
+    batches = dataset.train_batches(batch, seed=0)
+    crops = next(batches)["inputs"]
+    batches.close()
     fn = jax.jit(dataset.device_train_transform)
     keys = jax.random.split(jax.random.key(0), batch)
     fn(keys, crops).block_until_ready()
@@ -198,7 +239,8 @@ def timm_rate(jpegs: list[bytes], is_training: bool, processes: int, seconds: fl
               size: int = SIZE) -> tuple[float, float]:
     """timm's transform in ``processes`` single-threaded processes: (img/s, img/CPU-s).
 
-    Always in spawned processes: torch and TensorFlow in one process can crash each other.
+    Always in spawned (not forked) processes: this process already runs JAX and Grain threads, which
+    a fork does not copy safely.
     """
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         results = pool.map(_timm_worker, [(jpegs, is_training, seconds, size)] * processes)
@@ -225,11 +267,9 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-timm", action="store_true", help="measure softnce only")
     parser.add_argument("--quick", action="store_true", help="smoke run: 0.3 s per rate, 32 px, no timm")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # XLA's C++ logging (jaxlib reads this variable)
     if args.quick:
         args.seconds, args.image_size, args.device_batch, args.skip_timm = 0.3, 32, 4, True
-
-    import tensorflow as tf
 
     cores = os.cpu_count() or 1
     jpegs = encoded_photos()
@@ -239,17 +279,15 @@ def main(argv=None) -> None:
     with_timm = not args.skip_timm and have_timm()
 
     with tempfile.TemporaryDirectory() as root:
-        data_dir = build_tfds_dataset(root, jpegs, copies=32)
+        data_dir = build_array_record_dataset(root, jpegs, copies=32)
         dataset = make_dataset(data_dir, None, args.image_size)
-        train_fn = lambda i, b: dataset.train_preprocess(  # noqa: E731
-            b, tf.stack([tf.fill(tf.shape(i), tf.constant(7, tf.int64)), i], axis=1))
-        eval_fn = lambda i, b: dataset.eval_preprocess(b)  # noqa: E731
+        train_fn, eval_fn = train_transform(args.image_size), eval_transform(args.image_size)
 
         rows = []  # (transform, threads, softnce (img/s, img/CPU-s), timm (img/s, img/CPU-s))
         nan = (float("nan"), float("nan"))
         for threads in sorted({1, cores}):
             for name, fn, is_training in (("train", train_fn, True), ("eval", eval_fn, False)):
-                ours = tf_rate(fn, jpegs, threads, args.seconds)
+                ours = grain_rate(fn, jpegs, args.image_size, threads, args.seconds)
                 theirs = timm_rate(jpegs, is_training, threads, args.seconds, args.image_size) if with_timm else nan
                 rows.append((name, threads, ours, theirs))
                 print(f"  {name} transform, {threads} thread(s): softnce host {ours[0]:.0f} img/s "
@@ -282,7 +320,7 @@ def main(argv=None) -> None:
     )
     for threads, (wall, cpu) in end_to_end.items():
         print(
-            f"end to end: ImageDataset.train_batches(32) from tfds, host_threads={threads}: {wall:.0f} img/s "
+            f"end to end: ImageDataset.train_batches(32) from array_record, host_threads={threads}: {wall:.0f} img/s "
             f"({cpu:.0f} img/CPU-s)"
         )
     ours, theirs = rows[0][2][1], rows[0][3][1]

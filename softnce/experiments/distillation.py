@@ -173,7 +173,7 @@ def _pooled_sums(results: dict, out: str, name: str = "eval_sums.json") -> dict:
 
 def main(argv=None, log=print) -> dict:
     """Trains the teacher, then the students; writes and returns the results (see the module docstring)."""
-    args = parse_args(argv)  # --help answers before jax and TensorFlow are imported
+    args = parse_args(argv)  # --help answers before jax is imported
     from absl import logging
 
     from softnce import evaluation
