@@ -33,6 +33,7 @@ TRAIN = [
     "scikit-learn>=1.9.1",
     "matplotlib>=3.11.2",
     "Pillow>=13.0.0",  # the host half of the image pipeline (softnce/data/image_augment.py)
+    "flatbuffers>=25.12.19",  # jax.export's serialisation (python -m softnce.export)
     "tensorboard>=2.21.0",  # `tensorboard --logdir` (and its event reader, softnce.metric_writer.read_scalars)
 ]
 

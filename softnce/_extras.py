@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 
 TRAIN = ("flax", "orbax.checkpoint", "ml_collections", "grain", "array_record", "tensorflow_datasets", "tensorboardX",
-         "absl", "etils", "scipy", "sklearn", "matplotlib", "PIL")
+         "absl", "etils", "scipy", "sklearn", "matplotlib", "PIL", "flatbuffers")
 
 
 def missing(modules: tuple[str, ...]) -> list[str]:

@@ -1,20 +1,23 @@
-"""Tests of the image pipelines: host crops (Pillow), device augmentation (JAX) against Pillow, tfds."""
+"""Tests of the image pipelines: host crops (Pillow), device augmentation (JAX) against Pillow, and the Grain
+pipelines over real tfds data (Tiny ImageNet written by ``tests/tiny_images.py``, prepared as array_record)."""
 import io
+import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+import tiny_images
 from PIL import Image, ImageEnhance, ImageOps
 from sklearn.datasets import load_sample_images
 
 from softnce.data import device_augment as D
 from softnce.data import image_augment as A
-from softnce.data import images
-from softnce.data.base import Dataset
+from softnce.data import images, records
+from softnce.data.base import Dataset, DataError, DataNotPreparedError
 
 FILL = D.TIMM_FILL_COLOR
 RNG = np.random.default_rng(0)
@@ -272,212 +275,313 @@ def test_resize_and_center_crop_is_torchvision_resize_then_center_crop():
         A.resize_and_center_crop(_jpeg(image), 32, crop_fraction=1.5)
 
 
-# ----------------------------------------------------------------------------- tfds pipelines
-def _config(name, data_dir, **kw):
+# ----------------------------------------------------------------------------- tfds pipelines (Grain)
+# Real data: tiny_images writes a 3-class Tiny ImageNet folder (6 training images, 2 per class, and 7
+# validation images, image i a constant colour 10 i) and prepares it through the real builder.
+NUM_TRAIN, NUM_VAL = 6, 7
+WNIDS = tiny_images.WNIDS
+
+
+def _config(data_dir, name="tiny_imagenet", **kw):
     config = images.default_image_config()
-    config.update({"name": name, "data_dir": str(data_dir), "image_size": 32, "shuffle_buffer": 16, **kw})
+    config.update({"name": name, "data_dir": str(data_dir), "image_size": 16, **kw})
     return config
 
 
+def _dataset(data_dir, process_index=0, process_count=1, **kw):
+    return images.make_image_dataset(_config(data_dir, **kw), process_index=process_index,
+                                     process_count=process_count)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A prepared tiny_imagenet shared by the tests that only read it (preparing takes seconds)."""
+    return tiny_images.prepare_tiny_imagenet(tmp_path_factory.mktemp("tiny") / "data")
+
+
 @pytest.fixture
-def mocked(tmp_path):
-    """A 'prepared' imagenet2012/cifar100 (real metadata files) whose records tfds mocks."""
-    for name in ("imagenet2012", "cifar100"):
-        builder = tfds.builder(name, data_dir=str(tmp_path))
-        os.makedirs(builder.data_dir)
-        builder.info.write_to_directory(builder.data_dir)
-    with tfds.testing.mock_data(num_examples=10, data_dir=str(tmp_path)):
-        yield tmp_path
+def own_copy(prepared, tmp_path):
+    """A copy of :func:`prepared` that a test may damage."""
+    return shutil.copytree(prepared, tmp_path / "data")
 
 
-# Each pipeline with RandAugment costs seconds to instantiate (tf.data optimises all 15 op branches):
-# the full recipe runs on imagenet2012, CIFAR-100 runs without RandAugment.
-@pytest.mark.parametrize("name,randaugment", [("imagenet2012", "rand-m9-mstd0.5-inc1"), ("cifar100", "")])
-def test_mock_train_batches(mocked, name, randaugment):
-    config = _config(name, mocked, num_train_examples=10, num_eval_examples=10, randaugment=randaugment)
-    ds = images.make_image_dataset(config, process_index=0, process_count=1)
-    assert isinstance(ds, Dataset) and ds.example_shape == (32, 32, 3)
-    batches = [next(iter(ds.train_batches(4, seed=s))) for s in (0, 0, 1)]
-    b = batches[0]
-    assert b["inputs"].shape == (4, 32, 32, 3) and b["inputs"].dtype == np.uint8  # host ships uint8 crops
-    assert b["label"].shape == (4,) and b["label"].dtype == np.int32
-    assert np.all((b["label"] >= 0) & (b["label"] < ds.num_classes))
-    # The device half: normalised, (0 - mean)/std <= x <= (1 - mean)/std except erased N(0,1) pixels.
-    inputs = np.asarray(jax.jit(ds.device_train_transform)(jax.random.split(key(0), 4), b["inputs"]))
-    assert inputs.shape == (4, 32, 32, 3) and inputs.dtype == np.float32
-    spec = images.SPECS[name]
-    lo, hi = (-np.array(spec.mean) / spec.std).min(), ((1 - np.array(spec.mean)) / spec.std).max()
-    assert np.mean((inputs >= lo - 1e-5) & (inputs <= hi + 1e-5)) > 0.9
-    assert (ds.device_train_transform.rand_augment is None) == (not randaugment)
-    for field in b:
-        np.testing.assert_array_equal(batches[0][field], batches[1][field])
-    assert not np.array_equal(batches[0]["inputs"], batches[2]["inputs"])
-    if not randaugment:
-        later = next(iter(ds.train_batches(4, seed=0, start_step=5)))
-        assert not np.array_equal(later["inputs"], b["inputs"])
+def _records(data_dir, split="train", skip_decoding=("image",)):
+    """Every record of ``split`` in record order (images as JPEG bytes, or decoded with skip_decoding=())."""
+    source = records.RecordSource(records.builder("tiny_imagenet", str(data_dir)), split, skip_decoding=skip_decoding)
+    return source.read(range(len(source)))
 
 
-def test_global_batches_do_not_depend_on_the_number_of_processes(mocked):
-    # Two shards: one process reading both equals the concatenation of two processes' batches.
-    config = _config("imagenet2012", mocked, num_train_examples=10, num_eval_examples=10, randaugment="",
-                     num_shards=2)
-    single = images.make_image_dataset(config, process_index=0, process_count=1)
-    shares = [images.make_image_dataset(config, process_index=p, process_count=2) for p in (0, 1)]
-    assert list(single.shards) == [0, 1] and [list(s.shards) for s in shares] == [[0], [1]]
-    whole = single.train_batches(6, seed=3, start_step=2)
-    parts = [s.train_batches(3, seed=3, start_step=2) for s in shares]
-    for _ in range(3):  # 18 draws > 5 examples per shard: crosses the shards' epoch boundaries
-        batch, halves = next(whole), [next(p) for p in parts]
-        for key in ("inputs", "label"):
-            np.testing.assert_array_equal(batch[key], np.concatenate([h[key] for h in halves]))
-    assert not np.array_equal(halves[0]["inputs"], halves[1]["inputs"])  # shards differ
-    with pytest.raises(ValueError, match=r"per-process training batch \(5\) must divide over .* 2 training"):
-        single.train_batches(5, seed=0)
-    with pytest.raises(ValueError, match=r"num_shards=3 must be a positive multiple of the number of processes \(2\)"):
-        images.make_image_dataset(_config("imagenet2012", mocked, num_shards=3), process_index=0, process_count=2)
+def _assert_batches_equal(a, b):
+    assert a.keys() == b.keys()
+    for field in a:
+        np.testing.assert_array_equal(a[field], b[field], err_msg=field)
 
 
-def test_mock_eval_and_label_counts(mocked):
-    config = _config("imagenet2012", mocked, num_train_examples=10, num_eval_examples=10)
-    ds = images.make_image_dataset(config, process_index=0, process_count=1)
-    batches = list(ds.eval_batches(4))
-    assert len(batches) == 3
-    assert [int(b["mask"].sum()) for b in batches] == [4, 4, 2]
-    assert batches[0]["mask"].dtype == bool and batches[0]["inputs"].shape == (4, 32, 32, 3)
-    np.testing.assert_array_equal(batches[-1]["inputs"][2:], 0)
-    assert batches[0]["inputs"].dtype == np.uint8
-    np.testing.assert_allclose(ds.device_eval_transform(batches[0]["inputs"]),
-                               (batches[0]["inputs"] / 255.0 - np.array(images.SPECS["imagenet2012"].mean))
-                               / np.array(images.SPECS["imagenet2012"].std), atol=1e-5)
-    # Eval is deterministic and unaugmented.
-    np.testing.assert_array_equal(next(ds.eval_batches(4))["inputs"], batches[0]["inputs"])
-    counts = ds.train_label_counts()
-    assert counts.shape == (1000,) and counts.sum() == 10
-    path = ds._label_counts_path()
-    assert os.path.exists(path)
-    np.save(path, np.arange(1000))  # The cache is used when present.
-    np.testing.assert_array_equal(ds.train_label_counts(), np.arange(1000))
-
-
-def test_validation_config_errors(mocked):
-    plain = images.make_image_dataset(_config("imagenet2012", mocked, num_train_examples=10, num_eval_examples=10),
-                                      process_index=0, process_count=1)
-    assert plain.num_validation_examples == 0 and plain.num_train_examples == 10  # none by default
-    with pytest.raises(ValueError, match="no validation split"):
-        plain.validation_batches(2)
-    with pytest.raises(ValueError, match=r"validation_fraction = 1.0 is out of range: must be a number in \[0, 1\)"):
-        images.make_image_dataset(_config("imagenet2012", mocked, validation_fraction=1.0),
-                                  process_index=0, process_count=1)
-    with pytest.raises(ValueError, match="host_threads = 0 is out of range: must be an integer >= 1 or None"):
-        images.make_image_dataset(_config("imagenet2012", mocked, host_threads=0), process_index=0, process_count=1)
-
-
-def test_host_threads_sets_the_private_pool(mocked):
-    config = _config("imagenet2012", mocked, num_train_examples=10, num_eval_examples=10, host_threads=3)
-    ds = images.make_image_dataset(config, process_index=0, process_count=1)
-    assert ds.train_dataset(4, seed=0).options().threading.private_threadpool_size == 3
-    assert ds.eval_dataset(4).options().threading.private_threadpool_size == 3
-    default = images.make_image_dataset(_config("imagenet2012", mocked, num_train_examples=10,
-                                                num_eval_examples=10), process_index=0, process_count=1)
-    assert not default.train_dataset(4, seed=0).options().threading.private_threadpool_size
-
-
-def test_not_prepared_error(tmp_path):
-    with pytest.raises(FileNotFoundError) as error:
-        images.make_image_dataset(_config("imagenet2012", tmp_path), process_index=0, process_count=1)
-    message = str(error.value)
-    assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
-    assert os.path.join(str(tmp_path), "downloads", "manual") in message
-    assert f"--name imagenet2012 --data_dir {tmp_path}" in message
-    with pytest.raises(FileNotFoundError, match="tiny-imagenet-200.zip"):
-        images.make_image_dataset(_config("tiny_imagenet", tmp_path), process_index=0, process_count=1)
-    with pytest.raises(ValueError, match="Unknown image dataset"):
-        images.make_image_dataset(_config("mnist", tmp_path), process_index=0, process_count=1)
-
-
-# ----------------------------------------------------------------------------- Tiny ImageNet
-WNIDS = ["n02", "n01", "n03"]  # sorted -> labels n01:0, n02:1, n03:2
-
-
-def _write_tiny_imagenet(root, train_per_class=2, num_val=7):
-    rng = np.random.default_rng(1)
-    (root / "val" / "images").mkdir(parents=True)
-    (root / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
-    for wnid in WNIDS:
-        (root / "train" / wnid / "images").mkdir(parents=True)
-        for i in range(train_per_class):
-            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
-                root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG")
-    lines = []
-    for i in range(num_val):
-        # Each validation image is a constant colour 10 * i, so it can be recognised after preprocessing.
-        Image.fromarray(np.full((20, 20, 3), 10 * i, np.uint8)).save(root / "val" / "images" / f"val_{i}.JPEG")
-        lines.append(f"val_{i}.JPEG\t{WNIDS[i % 3]}\t0\t0\t10\t10")
-    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-
-
-def test_tiny_imagenet_builder_and_two_process_eval(tmp_path):
-    manual = tmp_path / "data" / "downloads" / "manual"
-    _write_tiny_imagenet(manual / "tiny-imagenet-200")
-    images.prepare("tiny_imagenet", str(tmp_path / "data"))
-    builder = tfds.builder("tiny_imagenet", data_dir=str(tmp_path / "data"))
-    assert builder.info.splits["train"].num_examples == 6
-    assert builder.info.splits["validation"].num_examples == 7
-    val = {ex["file_name"].decode(): ex for ex in tfds.as_numpy(builder.as_dataset(split="validation"))}
+def test_tiny_imagenet_builder_and_two_process_eval(prepared):
+    builder = records.builder("tiny_imagenet", prepared)
+    assert builder.info.splits["train"].num_examples == NUM_TRAIN
+    assert builder.info.splits["validation"].num_examples == NUM_VAL
+    assert builder.info.file_format.value == "array_record"
+    val = {ex["file_name"].decode(): ex for ex in _records(prepared, "validation", skip_decoding=())}
     assert [val[f"val_{i}.JPEG"]["label"] for i in range(3)] == [1, 0, 2]  # n02, n01, n03
     assert val["val_3.JPEG"]["image"].shape == (20, 20, 3)
 
-    config = _config("tiny_imagenet", tmp_path / "data", image_size=16)
-    shares = [images.make_image_dataset(config, process_index=p, process_count=2) for p in (0, 1)]
-    assert shares[0].num_eval_examples == 7 and shares[0].num_train_examples == 6
+    shares = [_dataset(prepared, p, 2) for p in (0, 1)]
+    assert shares[0].num_eval_examples == NUM_VAL and shares[0].num_train_examples == NUM_TRAIN
+    assert shares[0].num_classes == 200 and len(shares[0].class_names) == 200
     batches = [list(ds.eval_batches(2)) for ds in shares]
-    assert len(batches[0]) == len(batches[1]) == math.ceil(7 / (2 * 2))
+    assert len(batches[0]) == len(batches[1]) == math.ceil(NUM_VAL / (2 * 2)) == shares[0].num_eval_batches(2)
     seen = []
     for process_batches in batches:
         for b in process_batches:
             for x, m in zip(b["inputs"], b["mask"]):
                 if m:  # The constant colour 10 * i (JPEG: +-3).
                     seen.append(int(np.round(x[..., 0].mean() / 10)))
-    assert sorted(seen) == list(range(7))  # Disjoint shares that cover the split.
-    assert sum(int(b["mask"].sum()) for pb in batches for b in pb) == 7
+    assert sorted(seen) == list(range(NUM_VAL))  # Disjoint shares that cover the split exactly once.
+    assert sum(int(b["mask"].sum()) for pb in batches for b in pb) == NUM_VAL
     np.testing.assert_array_equal(shares[0].train_label_counts(), [2, 2, 2] + [0] * 197)
     train = next(shares[1].train_batches(3, seed=0))
     assert train["inputs"].shape == (3, 16, 16, 3)
 
 
 def test_tiny_imagenet_from_zip(tmp_path):
-    import shutil
-    _write_tiny_imagenet(tmp_path / "src" / "tiny-imagenet-200", train_per_class=1, num_val=2)
+    tiny_images.write_tiny_imagenet(tmp_path / "src" / "tiny-imagenet-200", train_per_class=1, num_val=2)
     manual = tmp_path / "manual"
     manual.mkdir()
     shutil.make_archive(str(manual / "tiny-imagenet-200"), "zip", tmp_path / "src")
     images.prepare("tiny_imagenet", str(tmp_path / "data"), manual_dir=str(manual))
-    builder = tfds.builder("tiny_imagenet", data_dir=str(tmp_path / "data"))
+    builder = records.builder("tiny_imagenet", str(tmp_path / "data"))
     assert builder.info.splits["validation"].num_examples == 2
+    assert sorted(r["file_name"].decode() for r in _records(tmp_path / "data")) == [f"{w}_0.JPEG" for w in
+                                                                                   sorted(WNIDS)]
 
 
-def test_validation_split_is_carved_from_training(tmp_path):
-    _write_tiny_imagenet(tmp_path / "data" / "downloads" / "manual" / "tiny-imagenet-200")
-    images.prepare("tiny_imagenet", str(tmp_path / "data"))
-    config = _config("tiny_imagenet", tmp_path / "data", image_size=16, randaugment="", validation_fraction=0.34,
-                     validation_seed=5, shuffle_buffer=4)
+def test_train_batches_are_deterministic_in_the_seed(prepared):
+    ds = _dataset(prepared)  # the recipe's RandAugment and random erasing (on the device)
+    assert isinstance(ds, Dataset) and ds.example_shape == (16, 16, 3) and ds.input_dtype == "uint8"
+    batches = [next(ds.train_batches(4, seed=s)) for s in (0, 0, 1)]
+    b = batches[0]
+    assert b["inputs"].shape == (4, 16, 16, 3) and b["inputs"].dtype == np.uint8  # host ships uint8 crops
+    assert b["label"].shape == (4,) and b["label"].dtype == np.int32
+    assert np.all((b["label"] >= 0) & (b["label"] < 3))
+    _assert_batches_equal(batches[0], batches[1])
+    assert not np.array_equal(batches[0]["inputs"], batches[2]["inputs"])
+    # The device half: normalised, (0 - mean)/std <= x <= (1 - mean)/std except erased N(0,1) pixels.
+    inputs = np.asarray(jax.jit(ds.device_train_transform)(jax.random.split(key(0), 4), b["inputs"]))
+    assert inputs.shape == (4, 16, 16, 3) and inputs.dtype == np.float32
+    spec = images.SPECS["tiny_imagenet"]
+    lo, hi = (-np.array(spec.mean) / spec.std).min(), ((1 - np.array(spec.mean)) / spec.std).max()
+    assert np.mean((inputs >= lo - 1e-5) & (inputs <= hi + 1e-5)) > 0.9
+    assert ds.device_train_transform.rand_augment is not None
+    assert _dataset(prepared, randaugment="").device_train_transform.rand_augment is None
+
+
+def test_start_step_and_restored_state_continue_the_stream(prepared):
+    ds = _dataset(prepared, randaugment="")
+    iterator = ds.train_batches(2, seed=4)  # 3 steps an epoch: 6 steps cross an epoch boundary
+    stream = [next(iterator) for _ in range(6)]
+    assert len({b["inputs"].tobytes() for b in stream}) == 6  # every step differs (crops are seeded per position)
+    epoch = np.concatenate([b["label"] for b in stream[:3]])
+    assert sorted(epoch) == [0, 0, 1, 1, 2, 2]  # an epoch reads every example once
+    for k in (1, 4):
+        _assert_batches_equal(next(ds.train_batches(2, seed=4, start_step=k)), stream[k])
+    # Exact resume: an iterator set to another's state continues where that one stopped.
+    iterator = ds.train_batches(2, seed=4)
+    for _ in range(2):
+        next(iterator)
+    state = iterator.get_state()
+    assert state == {"next_index": 2}
+    restored = ds.train_batches(2, seed=4)
+    restored.set_state(json.loads(json.dumps(state)))  # the state survives JSON (the checkpoint's format)
+    for k in range(2, 6):
+        _assert_batches_equal(next(restored), stream[k])
+        _assert_batches_equal(next(iterator), stream[k])
+
+
+def test_global_batches_do_not_depend_on_the_number_of_processes(prepared):
+    single = _dataset(prepared, randaugment="")
+    shares = [_dataset(prepared, p, 2, randaugment="") for p in (0, 1)]
+    whole = single.train_batches(NUM_TRAIN, seed=3, start_step=2)
+    parts = [s.train_batches(NUM_TRAIN // 2, seed=3, start_step=2) for s in shares]
+    for _ in range(3):  # one step an epoch: every step is a new permutation
+        batch, halves = next(whole), [next(p) for p in parts]
+        assert sorted(batch["label"]) == [0, 0, 1, 1, 2, 2]
+        for field in ("inputs", "label"):
+            np.testing.assert_array_equal(batch[field], np.concatenate([h[field] for h in halves]), err_msg=field)
+    assert not np.array_equal(halves[0]["inputs"], halves[1]["inputs"])  # the shares differ
+    with pytest.raises(ValueError, match=r"global batch \(8\) is larger than the training set \(6 examples\)"):
+        single.train_batches(8, seed=0)
+    with pytest.raises(ValueError, match=r"process_index=2 must be in \[0, process_count=2\)"):
+        _dataset(prepared, 2, 2)
+
+
+def test_eval_batches_are_padded_masked_and_normalised_on_the_device(prepared):
+    ds = _dataset(prepared)
+    batches = list(ds.eval_batches(4))
+    assert len(batches) == ds.num_eval_batches(4) == 2
+    assert [b["mask"].tolist() for b in batches] == [[True] * 4, [True] * 3 + [False]]
+    assert batches[0]["mask"].dtype == bool and batches[0]["inputs"].shape == (4, 16, 16, 3)
+    assert batches[0]["inputs"].dtype == np.uint8 and batches[0]["label"].dtype == np.int32
+    np.testing.assert_array_equal(batches[-1]["inputs"][3:], 0)  # padding is zeros
+    np.testing.assert_array_equal(batches[-1]["label"][3:], 0)
+    # Eval reads the split in record order, unaugmented: resize + centre crop of each record.
+    val = _records(prepared, "validation")
+    expected = np.stack([A.resize_and_center_crop(r["image"], 16) for r in val])
+    np.testing.assert_array_equal(np.concatenate([b["inputs"] for b in batches])[:NUM_VAL], expected)
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches])[:NUM_VAL], [r["label"] for r in val])
+    spec = images.SPECS["tiny_imagenet"]
+    np.testing.assert_allclose(ds.device_eval_transform(batches[0]["inputs"]),
+                               (batches[0]["inputs"] / 255.0 - np.array(spec.mean)) / np.array(spec.std), atol=1e-5)
+    _assert_batches_equal(next(ds.eval_batches(4)), batches[0])  # deterministic
+    # The first n examples only.
+    first = _dataset(prepared, num_train_examples=4, num_eval_examples=5)
+    assert (first.num_train_examples, first.num_eval_examples) == (4, 5)
+    assert [int(b["mask"].sum()) for b in first.eval_batches(2)] == [2, 2, 1]
+    labels = next(first.train_batches(4, seed=0))["label"]  # one epoch of the first 4 records
+    assert sorted(labels) == sorted(r["label"] for r in _records(prepared)[:4])
+    with pytest.raises(ValueError, match="num_eval_examples = 8 is more than the 7 examples"):
+        _dataset(prepared, num_eval_examples=8)
+
+
+def test_label_counts_are_cached(prepared, tmp_path):
+    ds = _dataset(prepared, cache_dir=str(tmp_path))
+    counts = ds.train_label_counts()
+    assert counts.shape == (200,) and counts.sum() == NUM_TRAIN
+    np.testing.assert_array_equal(counts, [2, 2, 2] + [0] * 197)
+    path = ds._label_counts_path()
+    assert os.path.exists(path) and os.path.dirname(path) == str(tmp_path)
+    np.save(path, np.arange(200))  # The cache is used when present.
+    np.testing.assert_array_equal(ds.train_label_counts(), np.arange(200))
+    # Counting the first 4 examples only has its own cache file.
+    first = _dataset(prepared, cache_dir=str(tmp_path), num_train_examples=4)
+    assert first._label_counts_path() != path and first.train_label_counts().sum() == 4
+
+
+def test_config_errors(prepared):
+    plain = _dataset(prepared)
+    assert plain.num_validation_examples == 0 and plain.num_train_examples == NUM_TRAIN  # none by default
+    with pytest.raises(ValueError, match="no validation split"):
+        plain.validation_batches(2)
+    with pytest.raises(ValueError, match=r"validation_fraction = 1.0 is out of range: must be a number in \[0, 1\)"):
+        _dataset(prepared, validation_fraction=1.0)
+    with pytest.raises(ValueError, match="validation_fraction=0.95 leaves no training examples out of 6"):
+        _dataset(prepared, validation_fraction=0.95)  # round(0.95 * 6) = 6
+    with pytest.raises(ValueError, match="host_threads = 0 is out of range: must be an integer >= 1 or None"):
+        _dataset(prepared, host_threads=0)
+    # The tf.data fields are gone: the configs no longer have them, so a command line that sets one
+    # (--config.data.num_shards=2) is rejected by the locked config.
+    from softnce.configs import vit_finetune
+
+    config = vit_finetune.get_config("dataset=tiny_imagenet,model=vit_tiny")
+    for removed in ("shuffle_buffer", "num_shards", "cache"):
+        assert removed not in config.data and removed not in images.default_image_config()
+    config.lock()
+    with pytest.raises(AttributeError, match="num_shards"):
+        config.data.num_shards = 2
+
+
+def test_host_threads_sets_the_grain_reader_threads(prepared):
+    ds = _dataset(prepared, host_threads=3)
+    assert ds.read_options.num_threads == 3
+    assert next(ds.train_batches(2, seed=0))["inputs"].shape == (2, 16, 16, 3)
+    assert _dataset(prepared).read_options.num_threads == (os.cpu_count() or 1)  # default: one per core
+
+
+def test_not_prepared_error(tmp_path):
+    with pytest.raises(DataNotPreparedError) as error:
+        _dataset(tmp_path, name="imagenet2012")
+    assert isinstance(error.value, FileNotFoundError)
+    message = str(error.value)
+    assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
+    assert os.path.join(str(tmp_path), "downloads", "manual") in message
+    assert f"python -m softnce.data.images --name imagenet2012 --data_dir {tmp_path}" in message
+    with pytest.raises(DataNotPreparedError, match="tiny-imagenet-200.zip"):
+        _dataset(tmp_path)
+    with pytest.raises(ValueError, match="Unknown image dataset"):
+        _dataset(tmp_path, name="mnist")
+
+
+def test_validation_split_is_carved_from_training(prepared):
+    config = _config(prepared, randaugment="", validation_fraction=0.34, validation_seed=5)
     ds = images.make_image_dataset(config, process_index=0, process_count=1)
     assert (ds.num_validation_examples, ds.num_train_examples) == (2, 4)  # round(0.34 * 6) = 2
     assert (ds.validation_split, ds.train_split) == ("train[:2]", "train[2:]")
-    records = list(tfds.as_numpy(ds.builder.as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()})))
-    counts = np.bincount([r["label"] for r in records[2:]], minlength=200)
+    recs = _records(prepared)
+    counts = np.bincount([r["label"] for r in recs[2:]], minlength=200)
     np.testing.assert_array_equal(ds.train_label_counts(), counts)
     # The validation examples are the first 2 training records, unaugmented like the eval split.
     batches = list(ds.validation_batches(3))
-    assert len(batches) == 1 and batches[0]["mask"].tolist() == [True, True, False]
-    expected = np.stack([A.resize_and_center_crop(r["image"], 16) for r in records[:2]])
+    assert len(batches) == ds.num_validation_batches(3) == 1 and batches[0]["mask"].tolist() == [True, True, False]
+    expected = np.stack([A.resize_and_center_crop(r["image"], 16) for r in recs[:2]])
     np.testing.assert_array_equal(batches[0]["inputs"][:2], expected)
-    np.testing.assert_array_equal(batches[0]["label"][:2], [r["label"] for r in records[:2]])
+    np.testing.assert_array_equal(batches[0]["label"][:2], [r["label"] for r in recs[:2]])
     # Training never sees them: an epoch of training crops comes from the other 4 records only.
-    train_labels = np.concatenate([next(ds.train_batches(4, seed=0))["label"] for _ in range(1)])
-    assert sorted(train_labels) == sorted(r["label"] for r in records[2:])
+    train_labels = next(ds.train_batches(4, seed=0))["label"]
+    assert sorted(train_labels) == sorted(r["label"] for r in recs[2:])
     # Two processes: disjoint shares of the 2 validation examples, the same number of batches.
     shares = [images.make_image_dataset(config, process_index=p, process_count=2) for p in (0, 1)]
     share_batches = [list(s.validation_batches(1)) for s in shares]
     assert len(share_batches[0]) == len(share_batches[1]) == 1
     assert sum(int(b["mask"].sum()) for sb in share_batches for b in sb) == 2
+    np.testing.assert_array_equal(np.concatenate([sb[0]["inputs"] for sb in share_batches]), expected)
+
+
+# ----------------------------------------------------------------------------- damaged and outdated data
+def test_a_damaged_record_file_names_the_file_and_record(own_copy):
+    path = tiny_images.record_file(own_copy, "train")
+    assert os.path.basename(path) == "tiny_imagenet-train.array_record-00000-of-00001"
+    data = bytearray(open(path, "rb").read())
+    # The records lie in the first block, before its zero padding; flip 16 bytes in the middle of them.
+    used = len(bytes(data[:65536]).rstrip(b"\0"))
+    middle = used // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    open(path, "wb").write(bytes(data))
+    # Which record that hit (array_record checks every chunk's hash): exactly one of the six.
+    source = records.RecordSource(records.builder("tiny_imagenet", str(own_copy)), "train")
+    damaged = []
+    for row in range(NUM_TRAIN):
+        try:
+            source.read([row])
+        except DataError:
+            damaged.append(row)
+    assert len(damaged) == 1, damaged
+    ds = _dataset(own_copy, randaugment="")  # opening the dataset reads no record
+    with pytest.raises(DataError) as error:
+        next(ds.train_batches(NUM_TRAIN, seed=0))  # the first batch reads every record
+    message = str(error.value)
+    assert f"{path}, record {damaged[0]} (" in message and "Prepare the dataset again" in message, message
+    with pytest.raises(DataError, match=f"record {damaged[0]} "):
+        ds.train_label_counts()
+    assert len(list(ds.eval_batches(4))) == 2  # the validation file is intact
+
+
+def test_an_image_that_is_not_an_image_names_the_file_and_record(tmp_path):
+    data_dir = tiny_images.prepare_tiny_imagenet(tmp_path / "data", broken_train=("n01_1.JPEG",))
+    (row,) = [i for i, r in enumerate(_records(data_dir)) if r["file_name"] == b"n01_1.JPEG"]
+    ds = _dataset(data_dir, randaugment="")
+    np.testing.assert_array_equal(ds.train_label_counts()[:3], [2, 2, 2])  # labels read fine
+    iterator = ds.train_batches(NUM_TRAIN, seed=0)
+    with pytest.raises(DataError) as error:
+        next(iterator)
+    message = str(error.value)
+    assert f"{tiny_images.record_file(data_dir, 'train')}, record {row} (" in message, message
+    assert "UnidentifiedImageError" in message
+
+
+def test_data_prepared_as_tfrecord_is_one_error_and_prepare_rebuilds_it(own_copy):
+    info_path = os.path.join(own_copy, "tiny_imagenet", "1.0.0", "dataset_info.json")
+    info = json.load(open(info_path))
+    assert info["fileFormat"] == "array_record"
+    info["fileFormat"] = "tfrecord"  # as tfds prepared it before softnce read array_record
+    json.dump(info, open(info_path, "w"))
+    with pytest.raises(DataError) as error:
+        _dataset(own_copy)
+    message = str(error.value)
+    assert len(message.splitlines()) == 1, message
+    assert f"python -m softnce.data.images --name tiny_imagenet --data_dir {own_copy}" in message
+    assert "TFRecord" in message
+    images.prepare("tiny_imagenet", str(own_copy))  # what that command runs
+    assert json.load(open(info_path))["fileFormat"] == "array_record"
+    ds = _dataset(own_copy, randaugment="")
+    assert (ds.num_train_examples, ds.num_eval_examples) == (NUM_TRAIN, NUM_VAL)
+    assert sorted(next(ds.train_batches(NUM_TRAIN, seed=0))["label"]) == [0, 0, 1, 1, 2, 2]

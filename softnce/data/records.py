@@ -71,8 +71,10 @@ def prepare(dataset_builder: tfds.core.DatasetBuilder, download_config=None) -> 
     download_config = download_config or tfds.download.DownloadConfig()
     if is_tfrecord(dataset_builder):
         download_config.download_mode = GENERATE_AGAIN
-        dataset_builder.info.set_file_format(FILE_FORMAT, override=True, override_if_initialized=True)
-    dataset_builder.download_and_prepare(download_config=download_config, file_format=FILE_FORMAT)
+    # Set here, not through download_and_prepare(file_format=...): tfds refuses that for an info read
+    # from disk (the TFRecord case).
+    dataset_builder.info.set_file_format(FILE_FORMAT, override=True, override_if_initialized=True)
+    dataset_builder.download_and_prepare(download_config=download_config)
 
 
 class RecordSource:
