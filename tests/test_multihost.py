@@ -1,38 +1,45 @@
 """Two real processes (4 CPU devices each, gloo collectives) against one process with 8 devices.
 
-Both run the real CLI (``softnce.main`` via ``tests/mock_launch.py``) on mock ImageNet with the
-paper's ViT recipe (vit_tiny, MixUp/CutMix, layer decay), ``num_shards=2``: the global batches, the
-per-device randomness and hence the losses and final parameters must agree.
+The processes run the real CLI (``python -m softnce.main``) on real tiny data (Tiny ImageNet written by
+``tests/tiny_images.py``, prepared as array_record once before they start) with the paper's ViT recipe
+(vit_tiny, MixUp/CutMix, layer decay): the global batches (each process reads its half of every
+global batch), the per-device randomness and hence the losses and final parameters must agree, and
+evaluation covers the split exactly once on both. A 2-process run resumed from a middle checkpoint
+(the training iterator's state is saved per process) ends exactly where the uninterrupted run did.
 """
 
 import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
 import jax
-import mock_launch
 import numpy as np
 import pytest
-import tensorflow as tf
+import tiny_images
 
 from softnce import checkpointing, train
 from softnce.configs import vit_finetune
+from softnce.metric_writer import read_scalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-STEPS = 3
-NUM_EXAMPLES = 13  # per split; with eval batch 8 the last batch is padded
-CONFIG = "configs/vit_finetune.py:dataset=imagenet2012,model=vit_tiny,batch=16"
+STEPS = 4
+CHECKPOINT_EVERY = 2  # checkpoints 2 and 4 (max_checkpoints 2 keeps both): the resume test restarts at 2
+NUM_TRAIN = 18  # 6 per class; global batch 16: one step an epoch, every step a new permutation
+NUM_EVAL = 13  # with eval batch 8 the last batch is padded (5 real examples of 8)
+CONFIG = "configs/vit_finetune.py:dataset=tiny_imagenet,model=vit_tiny,batch=16"
 OVERRIDES = {
-    "num_train_steps": STEPS, "log_every_steps": 1, "eval_every_steps": STEPS, "checkpoint_every_steps": STEPS,
-    "data.image_size": 32, "data.num_train_examples": NUM_EXAMPLES, "data.num_eval_examples": NUM_EXAMPLES,
-    "data.eval_batch_size": 8, "data.randaugment": "", "data.shuffle_buffer": 16, "data.num_shards": 2,
-    "loss.noise_prior": "uniform",  # mock data leaves most classes empty
+    "num_train_steps": STEPS, "log_every_steps": 1, "eval_every_steps": STEPS,
+    "checkpoint_every_steps": CHECKPOINT_EVERY, "max_checkpoints": 2,
+    "data.image_size": 32, "data.eval_batch_size": 8, "data.randaugment": "",
+    "loss.noise_prior": "uniform",  # the tiny data leave 197 of the 200 classes empty
     "model.dtype": "float32", "optim.warmup_steps": 1, "optim.base_lr": 0.05,
 }
+RESULT_FILES = ["config.json", "eval_sums.json", "metrics.json", "reliability.png"]
 
 
 def _free_port() -> int:
@@ -42,14 +49,29 @@ def _free_port() -> int:
 
 
 def _launch(data_dir, workdir, log, env, *flags):
-    """The CLI in a subprocess with 4 CPU devices; output goes to ``log``."""
+    """``python -m softnce.main`` in a subprocess with 4 CPU devices; output goes to ``log``."""
     args = [
-        sys.executable, os.path.join(REPO, "tests", "mock_launch.py"),
-        f"--mock_data_dir={data_dir}", f"--mock_num_examples={NUM_EXAMPLES}", f"--config={CONFIG}",
-        f"--config.data.data_dir={data_dir}", *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
-        f"--workdir={workdir}", "--num_cpu_devices=4", *flags,
+        sys.executable, "-m", "softnce.main", f"--config={CONFIG}", f"--config.data.data_dir={data_dir}",
+        *(f"--config.{k}={v}" for k, v in OVERRIDES.items()), f"--workdir={workdir}", "--num_cpu_devices=4", *flags,
     ]
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+
+
+def _launch_two(data_dir, workdir, logs, env):
+    """Processes 0 and 1 of a 2-process job over 127.0.0.1."""
+    address = f"127.0.0.1:{_free_port()}"
+    return [_launch(data_dir, workdir, logs[i], env, f"--coordinator_address={address}", "--num_processes=2",
+                    f"--process_id={i}") for i in (0, 1)]
+
+
+def _wait(processes, logs):
+    """Waits for the processes; returns their outputs (each must have exited 0)."""
+    for p in processes:
+        p.wait(timeout=300)
+    outputs = [open(log).read() for log in logs]
+    for p, out in zip(processes, outputs):
+        assert p.returncode == 0, out[-5000:]
+    return outputs
 
 
 def _in_process_config(data_dir):
@@ -59,48 +81,45 @@ def _in_process_config(data_dir):
     return config
 
 
-def _train_scalars(workdir):
-    """``{step: loss}`` from the single TensorBoard event file in ``workdir``."""
+def _train_losses(workdir):
+    """``(event file, {step: loss})`` from the single TensorBoard event file in ``workdir``."""
     (events,) = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
-    losses = {}
-    for event in tf.compat.v1.train.summary_iterator(events):
-        for value in event.summary.value:
-            if value.tag == "train/loss":
-                losses[event.step] = float(tf.make_ndarray(value.tensor))
-    return events, losses
+    return events, read_scalars(workdir)["train/loss"]
 
 
 def _final_params(workdir):
-    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"))
+    manager = checkpointing.read_only_manager(os.path.join(workdir, "checkpoints"))
     return manager.latest_step(), checkpointing.restore_on_this_host(manager)["params"]
 
 
-def test_two_processes_match_one_process(tmp_path, cli_env):
-    data_dir = str(tmp_path / "data")
-    mock_launch.write_metadata(data_dir)  # before the processes start: no race on the metadata
-    single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
-    address = f"127.0.0.1:{_free_port()}"
-    logs = [str(tmp_path / f"process{i}.log") for i in (0, 1)]
-    multi = [
-        _launch(data_dir, multi_dir, logs[i], cli_env, f"--coordinator_address={address}", "--num_processes=2",
-                f"--process_id={i}")
-        for i in (0, 1)
-    ]
-    # The reference, 1 process x 8 devices (conftest), runs here meanwhile.
-    with mock_launch.mock_datasets(data_dir, NUM_EXAMPLES):
-        train.train_and_evaluate(_in_process_config(data_dir), single_dir)
-    for p, log in zip(multi, logs):
-        p.wait(timeout=300)
-    outputs = [open(log).read() for log in logs]
-    for p, out in zip(multi, outputs):
-        assert p.returncode == 0, out[-5000:]
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Prepared once, before any process starts: no race on the preparation."""
+    return tiny_images.prepare_tiny_imagenet(tmp_path_factory.mktemp("tiny") / "data", train_per_class=NUM_TRAIN // 3,
+                                             num_val=NUM_EVAL, size=32)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(data_dir, tmp_path_factory):
+    """An uninterrupted 2-process run: ``(workdir, outputs of processes 0 and 1)``."""
+    tmp = tmp_path_factory.mktemp("multi")
+    workdir, logs = str(tmp / "run"), [str(tmp / f"process{i}.log") for i in (0, 1)]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as conftest's cli_env (module scope)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    return workdir, _wait(_launch_two(data_dir, workdir, logs, env), logs)
+
+
+def test_two_processes_match_one_process(data_dir, two_process_run, tmp_path):
+    multi_dir, outputs = two_process_run
+    single_dir = str(tmp_path / "single")
+    train.train_and_evaluate(_in_process_config(data_dir), single_dir)  # 1 process x 8 devices (conftest)
     # Progress and eval lines only on process 0.
     assert f"step {STEPS}/{STEPS}" in outputs[0] and "eval at step" in outputs[0]
     assert "step 1/" not in outputs[1] and "eval at step" not in outputs[1]
 
     # Same per-step losses; float summation order differs (gloo all-reduce across processes).
-    events_multi, loss_multi = _train_scalars(multi_dir)
-    _, loss_single = _train_scalars(single_dir)
+    events_multi, loss_multi = _train_losses(multi_dir)
+    _, loss_single = _train_losses(single_dir)
     assert sorted(loss_multi) == sorted(loss_single) == list(range(1, STEPS + 1))
     for step in loss_single:
         assert loss_multi[step] == pytest.approx(loss_single[step], rel=1e-5)
@@ -113,18 +132,50 @@ def test_two_processes_match_one_process(tmp_path, cli_env):
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
     assert np.abs(p1["head"]["kernel"]).max() > 1e-3  # training moved the head well beyond the tolerance
 
-    # Evaluation: padding masked, and both processes ran ceil(13 / 8) = 2 batches of 4 (else the psum
-    # collectives would hang). Under mock_data every sub-split (even_splits share) yields all 13 mock
-    # examples, so each process's share is 13 examples cut to 2 x 4 = 8 real ones: 16 in all.
+    # Evaluation is exact on 2 processes: each reads its half of every global eval batch, padding
+    # masked, both run ceil(13 / 8) = 2 batches (else the collectives would hang), and together they
+    # cover the 13 examples exactly once, as the single process does.
     m1, m2 = (json.load(open(os.path.join(d, "metrics.json"))) for d in (single_dir, multi_dir))
-    assert m1["num_examples"] == NUM_EXAMPLES
-    assert m2["num_examples"] == 2 * 2 * 4
+    assert m1["num_examples"] == m2["num_examples"] == NUM_EVAL
+    for name in ("top1", "nll"):
+        assert m2[name] == pytest.approx(m1[name], rel=1e-4, abs=1e-6)
 
-    # Only process 0 wrote files: one event file, written by process 0's pid.
-    assert events_multi.endswith(f".{multi[0].pid}.0.v2"), events_multi
-    written = sorted(os.listdir(multi_dir))
-    assert written == sorted(["checkpoints", "config.json", "eval_sums.json", "metrics.json", "reliability.png",
-                              os.path.basename(events_multi)])
+    # Only process 0 wrote files: one event file (tensorboardX), the results, the checkpoints.
+    assert sorted(os.listdir(multi_dir)) == sorted(["checkpoints", *RESULT_FILES, os.path.basename(events_multi)])
+    # Each process saved its own iterator state with each checkpoint.
+    for step in (CHECKPOINT_EVERY, STEPS):
+        for i in (0, 1):
+            state = json.load(open(os.path.join(multi_dir, "checkpoints", str(step), "data", f"process_{i}-of-2.json")))
+            assert state == {"next_index": step}
+
+
+def test_exact_resume_on_two_processes_from_a_middle_checkpoint(data_dir, two_process_run, tmp_path, cli_env):
+    """The uninterrupted run's workdir with its newest checkpoint and results removed is a run stopped after
+    step 2 of 4 (what the workdir held then, the checkpoints being deterministic); rerun with the same command
+    it resumes there, restoring each process's iterator state, and ends with the very same parameters."""
+    whole_dir, _ = two_process_run
+    resumed_dir = str(tmp_path / "resumed")
+    shutil.copytree(whole_dir, resumed_dir)
+    shutil.rmtree(os.path.join(resumed_dir, "checkpoints", str(STEPS)))
+    for name in [*RESULT_FILES, *(os.path.basename(f) for f in glob.glob(os.path.join(whole_dir, "events.*")))]:
+        os.remove(os.path.join(resumed_dir, name))
+    assert sorted(os.listdir(os.path.join(resumed_dir, "checkpoints"))) == [str(CHECKPOINT_EVERY)]
+
+    logs = [str(tmp_path / f"process{i}.log") for i in (0, 1)]
+    outputs = _wait(_launch_two(data_dir, resumed_dir, logs, cli_env), logs)
+    assert f"resumed from the checkpoint of step {CHECKPOINT_EVERY}" in outputs[0], outputs[0][-3000:]
+    assert "step 1/" not in outputs[0] and f"step {CHECKPOINT_EVERY + 1}/{STEPS}" in outputs[0]
+
+    (s1, p1), (s2, p2) = _final_params(whole_dir), _final_params(resumed_dir)
+    assert s1 == s2 == STEPS
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=0)  # bit for bit: same batches, same programs
+    losses_whole, losses_resumed = read_scalars(whole_dir)["train/loss"], read_scalars(resumed_dir)["train/loss"]
+    assert sorted(losses_resumed) == list(range(CHECKPOINT_EVERY + 1, STEPS + 1))
+    for step in losses_resumed:
+        assert losses_resumed[step] == losses_whole[step]
+    metrics = [json.load(open(os.path.join(d, "metrics.json"))) for d in (whole_dir, resumed_dir)]
+    assert metrics[0] == metrics[1]
 
 
 def test_coordinator_without_process_flags_is_a_clear_error(tmp_path, cli_env):

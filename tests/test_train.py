@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from softnce import losses, train
+from softnce import losses, metric_writer, train
 from softnce.configs import digits as digits_config
 from softnce.data import DATASETS
 from softnce.data.arrays import ArrayDataset
@@ -76,6 +76,11 @@ def test_entry_point_same_result_on_1_and_8_devices(tmp_path, cli_env):
     for name in ("config.json", "reliability.png"):
         assert (tmp_path / "dev8" / name).exists()
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "dev8"))
+    # The event files read back through TensorBoard's own reader (what `tensorboard --logdir` shows).
+    scalars = metric_writer.read_scalars(str(tmp_path / "dev8"))
+    assert sorted(scalars["train/loss"]) == [3, 6], scalars.keys()  # log_every_steps = 3
+    assert all(np.isfinite(v) for v in scalars["train/loss"].values())
+    assert scalars["eval/top1"][6] == pytest.approx(m8["top1"], abs=1e-6)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

@@ -235,14 +235,15 @@ def prepare(data_dir: str | None, idx_dir: str | None = DEFAULT_IDX_DIR, *, down
     """Prepares ``fashion_mnist`` in ``data_dir``: from the IDX files in ``idx_dir``, else by download.
 
     With all four files in ``idx_dir`` (and ``download`` False) they are checked, then written as
-    tfds records; with none of them, or ``download``, tfds downloads the official files.
+    tfds array_record files; with none of them, or ``download``, tfds downloads the official files.
+    Data prepared earlier as TFRecord are written anew as array_record (:func:`softnce.data.records.prepare`).
 
     Raises:
       FileNotFoundError: ``idx_dir`` holds some of the four files but not all (a partial copy).
       ValueError: a damaged IDX file (nothing is written).
       RuntimeError: the download failed (e.g. no internet); the message gives both ways to prepare.
     """
-    builder = FashionMnist(data_dir=data_dir, file_format=records.FILE_FORMAT)
+    builder = FashionMnist(data_dir=data_dir)  # records.prepare sets array_record
     stems = [s for pair in IDX_FILES.values() for s in pair]
     present = [s for s in stems if idx_dir and find_idx_file(idx_dir, s)]
     if present and not download:
