@@ -17,7 +17,7 @@ from sklearn.datasets import load_sample_images
 from softnce.data import device_augment as D
 from softnce.data import image_augment as A
 from softnce.data import images, records
-from softnce.data.base import Dataset, DataError, DataNotPreparedError
+from softnce.data.base import DataError, DataNotPreparedError, Dataset
 
 FILL = D.TIMM_FILL_COLOR
 RNG = np.random.default_rng(0)
@@ -357,7 +357,7 @@ def test_tiny_imagenet_from_zip(tmp_path):
 
 
 def test_train_batches_are_deterministic_in_the_seed(prepared):
-    ds = _dataset(prepared)  # the recipe's RandAugment and random erasing (on the device)
+    ds = _dataset(prepared, randaugment="")  # RandAugment off: compiling its 15 ops takes seconds
     assert isinstance(ds, Dataset) and ds.example_shape == (16, 16, 3) and ds.input_dtype == "uint8"
     batches = [next(ds.train_batches(4, seed=s)) for s in (0, 0, 1)]
     b = batches[0]
@@ -366,14 +366,17 @@ def test_train_batches_are_deterministic_in_the_seed(prepared):
     assert np.all((b["label"] >= 0) & (b["label"] < 3))
     _assert_batches_equal(batches[0], batches[1])
     assert not np.array_equal(batches[0]["inputs"], batches[2]["inputs"])
-    # The device half: normalised, (0 - mean)/std <= x <= (1 - mean)/std except erased N(0,1) pixels.
+    # The device half (flip, random erasing): normalised, (0 - mean)/std <= x <= (1 - mean)/std except
+    # erased N(0,1) pixels.
     inputs = np.asarray(jax.jit(ds.device_train_transform)(jax.random.split(key(0), 4), b["inputs"]))
     assert inputs.shape == (4, 16, 16, 3) and inputs.dtype == np.float32
     spec = images.SPECS["tiny_imagenet"]
     lo, hi = (-np.array(spec.mean) / spec.std).min(), ((1 - np.array(spec.mean)) / spec.std).max()
     assert np.mean((inputs >= lo - 1e-5) & (inputs <= hi + 1e-5)) > 0.9
-    assert ds.device_train_transform.rand_augment is not None
-    assert _dataset(prepared, randaugment="").device_train_transform.rand_augment is None
+    assert ds.device_train_transform.rand_augment is None
+    recipe = _dataset(prepared).device_train_transform  # the recipe's RandAugment, on the device too
+    assert recipe.rand_augment == D.parse_rand_augment("rand-m9-mstd0.5-inc1") and recipe.erasing_prob == 0.25
+    _assert_batches_equal(next(_dataset(prepared).train_batches(4, seed=0)), b)  # the host half is the same
 
 
 def test_start_step_and_restored_state_continue_the_stream(prepared):
@@ -545,7 +548,7 @@ def test_a_damaged_record_file_names_the_file_and_record(own_copy):
         except DataError:
             damaged.append(row)
     assert len(damaged) == 1, damaged
-    ds = _dataset(own_copy, randaugment="")  # opening the dataset reads no record
+    ds = _dataset(own_copy, randaugment="", cache_dir=str(own_copy / "cache"))  # opening it reads no record
     with pytest.raises(DataError) as error:
         next(ds.train_batches(NUM_TRAIN, seed=0))  # the first batch reads every record
     message = str(error.value)

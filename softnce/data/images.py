@@ -1,7 +1,11 @@
 """tfds image datasets (ImageNet-1k, CIFAR-100, Tiny ImageNet) read through Grain, behind the Dataset interface.
 
 Each process builds one :class:`ImageDataset` with :func:`make_image_dataset`. The data are a tfds
-dataset prepared as ``array_record`` files (:mod:`softnce.data.records`; no TensorFlow), read by
+dataset prepared as ``array_record`` files by :func:`prepare` (``python -m softnce.data.images --name
+NAME --data_dir DIR``), with softnce's builders :mod:`softnce.data.imagenet2012`,
+:mod:`softnce.data.cifar100` and :mod:`softnce.data.tiny_imagenet`, which need no TensorFlow (tfds's
+own ImageNet and CIFAR builders call it while preparing; their registered builders read what
+softnce's prepared). The records are read without TensorFlow (:mod:`softnce.data.records`), by
 index through the Grain pipelines of :mod:`softnce.data.pipeline`: a global index shuffle, each
 process reading its share of every global batch (1 process x 8 devices and 2 processes x 4 devices
 see the same global batches, crops included), and an iterator state saved with every checkpoint, so a
@@ -37,7 +41,9 @@ from etils import epath
 
 from softnce import config_checks, config_utils
 from softnce.data import (
+    cifar100,
     device_augment,
+    imagenet2012,
     pipeline,
     records,
     tiny_imagenet,  # noqa: F401  (registers the 'tiny_imagenet' builder)
@@ -69,13 +75,23 @@ SPECS: dict[str, DatasetSpec] = {
         "  python -m softnce.data.images --name imagenet2012 --data_dir {data_dir}"),
     "cifar100": DatasetSpec(
         100, "train", "test", (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761),
-        "Download and prepare CIFAR-100 with:\n"
+        "Prepare CIFAR-100 with the command below: it downloads cifar-100-binary.tar.gz, or, without "
+        "internet, takes that file from {data_dir}/downloads/manual/ (download it elsewhere from "
+        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz and copy it there first):\n"
         "  python -m softnce.data.images --name cifar100 --data_dir {data_dir}"),
     "tiny_imagenet": DatasetSpec(
         200, "train", "validation", (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262),
         "Download http://cs231n.stanford.edu/tiny-imagenet-200.zip, put it (or the extracted "
         "tiny-imagenet-200/ folder) in {data_dir}/downloads/manual/, then run:\n"
         "  python -m softnce.data.images --name tiny_imagenet --data_dir {data_dir}"),
+}
+
+# The builders that prepare a dataset without TensorFlow where tfds's own would call it (same names,
+# versions and features as tfds's, whose registered builders read the prepared data). Datasets absent
+# here are prepared by their registered builder (tiny_imagenet: softnce's own).
+BUILDERS: dict[str, type[tfds.core.DatasetBuilder]] = {
+    "imagenet2012": imagenet2012.Imagenet2012,
+    "cifar100": cifar100.Cifar100,
 }
 
 
@@ -312,11 +328,14 @@ def _atomic_save(path: epath.Path, array: np.ndarray) -> None:
 def prepare(name: str, data_dir: str | None, manual_dir: str | None = None) -> None:
     """Downloads (where allowed) and prepares ``name`` in ``data_dir`` as array_record (``tfds build`` equivalent).
 
-    Data prepared earlier as TFRecord are written again as array_record (downloads are reused).
+    ImageNet-1k and CIFAR-100 are prepared by softnce's builders (:data:`BUILDERS`), which need no
+    TensorFlow; the others by their registered builder. Data prepared earlier as TFRecord are written
+    again as array_record (downloads are reused).
     """
     if name not in SPECS:
         raise ValueError(f"Unknown image dataset {name!r}; choose one of {sorted(SPECS)}.")
-    records.prepare(records.builder(name, data_dir), tfds.download.DownloadConfig(manual_dir=manual_dir))
+    dataset_builder = BUILDERS[name](data_dir=data_dir) if name in BUILDERS else records.builder(name, data_dir)
+    records.prepare(dataset_builder, tfds.download.DownloadConfig(manual_dir=manual_dir))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,13 +9,18 @@ The official ``tiny-imagenet-200.zip`` (http://cs231n.stanford.edu/tiny-imagenet
 
 Put the zip file or the extracted ``tiny-imagenet-200/`` folder in the manual directory
 (``<data_dir>/downloads/manual/`` by default) and prepare with
-``python -m softnce.data.images --name tiny_imagenet --data_dir <data_dir>``.
+``python -m softnce.data.images --name tiny_imagenet --data_dir <data_dir>``. The zip is extracted
+with Python's :mod:`zipfile` (no TensorFlow) into ``<data_dir>/downloads/extracted/tiny-imagenet-200.zip/``,
+once (a later preparation reuses that folder).
 Labels are the positions of the wnids in sorted order. The unlabelled test split is not built.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
+import zipfile
 from typing import Iterator
 
 import tensorflow_datasets as tfds
@@ -68,10 +73,39 @@ def find_root(manual_dir: str, dl_manager: tfds.download.DownloadManager | None 
             return candidate
     zip_path = os.path.join(manual_dir, ZIP_NAME)
     if dl_manager is not None and epath.Path(zip_path).exists():
-        return os.path.join(os.fspath(dl_manager.extract(zip_path)), FOLDER)
+        return os.path.join(extract_zip(zip_path, os.path.join(os.fspath(dl_manager.download_dir), "extracted",
+                                                               ZIP_NAME)), FOLDER)
     raise FileNotFoundError(
         f"No Tiny ImageNet in {manual_dir}: expected {FOLDER}/wnids.txt or {ZIP_NAME} there. "
         + TinyImagenet.MANUAL_DOWNLOAD_INSTRUCTIONS)
+
+
+def extract_zip(zip_path: str, target: str) -> str:
+    """Extracts ``zip_path`` into the folder ``target`` with :mod:`zipfile` (no TensorFlow), unless done before.
+
+    The zip is extracted into a temporary sibling folder that is then renamed to ``target``, so an
+    interrupted extraction is never taken for a finished one. Returns ``target``.
+
+    Raises:
+      ValueError: ``zip_path`` is not a readable zip file.
+    """
+    if os.path.isdir(target):
+        return target
+    tmp = f"{target}.tmp.{uuid.uuid4().hex}"
+    os.makedirs(tmp)
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            archive.extractall(tmp)  # zipfile drops absolute paths and '..' from member names
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not os.path.isdir(target):  # else: another process extracted it meanwhile
+                raise
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"{zip_path} is not a readable zip file ({error}); download {ZIP_NAME} again.") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def read_wnids(root: str) -> dict[str, int]:
