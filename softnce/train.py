@@ -459,7 +459,6 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     if is_chief:
         workdir.mkdir(parents=True, exist_ok=True)
         _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
-    writer = MetricWriter(str(workdir) if is_chief else None)
 
     init_rng, train_rng = run_keys(jax.random.PRNGKey(config.seed))
     ckpt_dir = str(workdir / "checkpoints")
@@ -486,6 +485,8 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
         temperature=config.loss.temperature, input_transform=dataset.device_train_transform, **teacher_kwargs,
     )
     eval_fn, logits_fn = make_eval_fns(mesh, model, dataset)
+    # Last, so that a start-up that fails leaves no writer (and no writer thread) behind.
+    writer = MetricWriter(str(workdir) if is_chief else None)
     return Run(
         config=config, workdir=workdir, mesh=mesh, dataset=dataset, batches=batches, state=state, schedule=schedule,
         train_rng=train_rng, log_noise_probs=log_noise_probs, step_fn=step_fn,
@@ -802,4 +803,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     :mod:`softnce.watchdog`). Validation tracking (``config.validation_every_steps``,
     ``config.evaluate_test``) adds ``history.json`` and ``validation_metrics.json`` (:func:`train_loop`).
     """
-    return train_loop(set_up(config, workdir), stop_at_step=stop_at_step)
+    run = set_up(config, workdir)
+    try:
+        return train_loop(run, stop_at_step=stop_at_step)
+    finally:
+        run.writer.close()  # its writer thread ends now, not in an atexit hook at interpreter shutdown
