@@ -12,7 +12,7 @@ from softnce.data import pipeline
 from softnce.data.base import Batch, Dataset
 
 # Slicing arrays in memory is cheap: one reader thread keeps two batches ready.
-READ_OPTIONS = pipeline.read_options(1, default=1)
+READ_OPTIONS = pipeline.read_options(1)
 
 
 class ArrayDataset(Dataset):

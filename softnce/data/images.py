@@ -196,7 +196,7 @@ class ImageDataset(Dataset):
         self.device_eval_transform = device_augment.EvalTransform(mean=spec.mean, std=spec.std)
         self.input_dtype = "uint8"  # eval batches are uint8 centre crops, normalised on the device
         self.class_names = _class_names(builder)
-        self.read_options = pipeline.read_options(config.host_threads, default=os.cpu_count() or 1)
+        self.read_options = pipeline.read_options(config.host_threads or os.cpu_count() or 1)
 
     # ------------------------------------------------------------------ label counts
     def train_label_counts(self) -> np.ndarray:

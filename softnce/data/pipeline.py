@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Callable, Optional
+from typing import Callable
 
 import grain
 import numpy as np
@@ -84,10 +84,9 @@ def process_share(global_size: int, process_index: int, process_count: int) -> s
     return slice(process_index * share, (process_index + 1) * share)
 
 
-def read_options(num_threads: Optional[int], default: int) -> grain.ReadOptions:
-    """``grain.ReadOptions``: ``num_threads`` reader threads (None: ``default``), two batches ahead each."""
-    threads = default if num_threads is None else int(num_threads)
-    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, 2 * threads))
+def read_options(num_threads: int) -> grain.ReadOptions:
+    """``grain.ReadOptions``: ``num_threads`` reader threads, two batches ahead each."""
+    return grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=max(2, 2 * int(num_threads)))
 
 
 def train_iterator(

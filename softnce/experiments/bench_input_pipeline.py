@@ -159,7 +159,7 @@ def grain_rate(transform, jpegs: list[bytes], size: int, threads: int, seconds: 
         return {"inputs": inputs, "label": labels}
 
     dataset = grain.MapDataset.range(pipeline.NUM_STEPS).map(load)
-    options = pipeline.read_options(threads, default=threads)
+    options = pipeline.read_options(threads)
     return _iterate_rate(iter(dataset.to_iter_dataset(options)), batch, seconds)
 
 
