@@ -288,9 +288,8 @@ def load_split(data_dir: str | None, split: str) -> tuple[np.ndarray, np.ndarray
     """
     builder = FashionMnist(data_dir=data_dir)
     assert_prepared(builder)
-    source = records.RecordSource(builder, split, skip_decoding=())
-    examples = source.read(range(len(source)))
-    return np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples], np.int32)
+    arrays = records.read_arrays(builder, split, ["image", "label"])
+    return arrays["image"], arrays["label"].astype(np.int32)
 
 
 def normalize(images: np.ndarray) -> np.ndarray:

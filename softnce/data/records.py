@@ -133,6 +133,24 @@ class RecordSource:
                 raise self.error(int(row), error) from None
 
 
+def read_arrays(dataset_builder: tfds.core.DatasetBuilder, split: str, keys: Sequence[str],
+                hint: str = "") -> dict[str, np.ndarray]:
+    """The features ``keys`` of every example of ``split``, decoded and stacked ``[n, ...]`` (small datasets).
+
+    Raises:
+      ValueError: a key is not a feature of the dataset (the message lists its features, then ``hint``).
+      DataError: a damaged record (see :meth:`RecordSource.read`).
+    """
+    features = set(dataset_builder.info.features.keys())
+    missing = [k for k in keys if k not in features]
+    if missing:
+        raise ValueError(f"tfds dataset {dataset_builder.info.full_name} has no feature {', '.join(missing)}; its "
+                         f"features are {', '.join(sorted(features))}{hint}.")
+    source = RecordSource(dataset_builder, split, skip_decoding=())
+    examples = source.read(range(len(source)))
+    return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
+
+
 def data_dir_root(dataset_builder: tfds.core.DatasetBuilder) -> str:
     """The tfds data directory of ``dataset_builder`` (the one to pass to the preparation commands)."""
     return os.fspath(dataset_builder.data_dir_root)

@@ -49,16 +49,7 @@ def soft_targets(values: np.ndarray, what: str) -> np.ndarray:
     return targets
 
 
-def _read_split(builder, split: str, keys: list[str]) -> dict[str, np.ndarray]:
-    """The features ``keys`` of every example of ``split``, stacked ``[n, ...]``."""
-    features = set(builder.info.features.keys())
-    missing = [k for k in keys if k not in features]
-    if missing:
-        raise ValueError(f"tfds dataset {builder.info.full_name} has no feature {', '.join(missing)}; its features are "
-                         f"{', '.join(sorted(features))} (config.data.image_key / label_key / targets_key).")
-    source = records.RecordSource(builder, split, skip_decoding=())
-    examples = source.read(range(len(source)))
-    return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
+FEATURE_FIELDS = " (config.data.image_key / label_key / targets_key)"  # where a missing feature is named
 
 
 def make_tfds_arrays_dataset(config: ml_collections.ConfigDict, *, process_index: int,
@@ -76,8 +67,8 @@ def make_tfds_arrays_dataset(config: ml_collections.ConfigDict, *, process_index
     image_key, label_key = config.get("image_key") or "image", config.get("label_key") or "label"
     targets_key = config.get("targets_key")
     train_keys = [image_key, label_key] + ([targets_key] if targets_key else [])
-    train = _read_split(builder, config.get("train_split") or "train", train_keys)
-    test = _read_split(builder, config.get("eval_split") or "test", [image_key, label_key])
+    train = records.read_arrays(builder, config.get("train_split") or "train", train_keys, hint=FEATURE_FIELDS)
+    test = records.read_arrays(builder, config.get("eval_split") or "test", [image_key, label_key], hint=FEATURE_FIELDS)
 
     inputs, labels = train[image_key], train[label_key].astype(np.int32)
     held_out = held_out_mask(len(labels), config.get("validation_fraction", 0.0), config.get("validation_seed", 0))
