@@ -16,7 +16,6 @@ Prepare with ``python -m softnce.data.images --name cifar100 --data_dir <data_di
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import tarfile
@@ -24,8 +23,9 @@ from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 from tensorflow_datasets.image_classification import cifar as tfds_cifar
+
+from softnce.data import records
 
 NAME = "cifar100"
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"
@@ -90,7 +90,7 @@ class Cifar100(tfds_cifar.Cifar100, skip_registration=True):
                                               len(label_keys)):
                 record = {key: int(label) for key, label in zip(label_keys, labels)}
                 record["id"] = f"{split_prefix}{index:05d}"
-                record["image"] = encode_png(image)
+                record["image"] = records.encode_png(image)
                 yield index, record
                 index += 1
 
@@ -134,10 +134,3 @@ def read_records(data: bytes, where: str, num_labels: int = NUM_LABELS) -> Itera
     images = records[:, num_labels:].reshape(-1, 3, *IMAGE_SHAPE[:2]).transpose(0, 2, 3, 1)  # CHW -> HWC
     for labels, image in zip(records[:, :num_labels], images):
         yield labels, image
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 ``[32, 32, 3]`` -> PNG bytes (Pillow; tfds stores CIFAR as PNG)."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buffer, "PNG")
-    return buffer.getvalue()

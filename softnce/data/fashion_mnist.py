@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import io
 import os
 import struct
 
@@ -46,7 +45,6 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
 from softnce.data import array_augment, records
@@ -221,14 +219,8 @@ class FashionMnist(tfds_mnist.FashionMNIST, skip_registration=True):
         if num_examples is not None and len(images) != num_examples:
             raise ValueError(f"{data_path} holds {len(images)} images; the official split has {num_examples}.")
         for index in range(len(images)):
-            yield index, {"image": encode_png(images[index]), "label": int(labels[index])}
+            yield index, {"image": records.encode_png(images[index]), "label": int(labels[index])}
 
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 ``[28, 28]`` -> PNG bytes (Pillow; tfds's builder stores PNG too)."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def prepare(data_dir: str | None, idx_dir: str | None = DEFAULT_IDX_DIR, *, download: bool = False) -> FashionMnist:

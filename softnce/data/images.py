@@ -174,7 +174,7 @@ class ImageDataset(Dataset):
         self.num_classes = spec.num_classes
         self.example_shape = (config.image_size, config.image_size, 3)
         full_train_split = config.train_split or spec.train_split
-        num_train = len(records.RecordSource(builder, full_train_split))
+        num_train = builder.info.splits[full_train_split].num_examples
         self.num_validation_examples = int(round(float(config.validation_fraction) * num_train))
         if self.num_validation_examples >= num_train:
             raise ValueError(f"config.data.validation_fraction={config.validation_fraction} leaves no training "

@@ -14,12 +14,14 @@ module is the one place that opens them:
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 from tensorflow_datasets.core.data_sources import base as data_sources_base
 
 from softnce.data.base import DataError, DataNotPreparedError
@@ -149,6 +151,14 @@ def read_arrays(dataset_builder: tfds.core.DatasetBuilder, split: str, keys: Seq
     source = RecordSource(dataset_builder, split, skip_decoding=())
     examples = source.read(range(len(source)))
     return {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 ``[H, W]`` or ``[H, W, C]`` -> PNG bytes (Pillow), how the builders store images they are given
+    as pixels (tfds encodes those with TensorFlow)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def data_dir_root(dataset_builder: tfds.core.DatasetBuilder) -> str:
