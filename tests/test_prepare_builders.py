@@ -35,10 +35,10 @@ def _jpeg(colour, size=(24, 20)) -> bytes:
     return _image_bytes(Image.new("RGB", size, colour), "JPEG")
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
-    """An uncompressed tar of ``files`` (name -> contents), in the given order."""
+def _tar(files: dict[str, bytes], mode: str = "w") -> bytes:
+    """A tar of ``files`` (name -> contents), in the given order (``mode`` ``'w:gz'``: gzipped)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -165,19 +165,12 @@ CIFAR_TEST, CIFAR_TEST_BIN = _cifar_split(1, 4)
 
 
 def _cifar_archive() -> bytes:
-    buffer = io.BytesIO()
-    files = {
+    return _tar({
         "cifar-100-binary/coarse_label_names.txt": "\n".join(COARSE_NAMES).encode() + b"\n",
         "cifar-100-binary/fine_label_names.txt": "\n".join(FINE_NAMES).encode() + b"\n",
         "cifar-100-binary/train.bin": CIFAR_TRAIN_BIN,
         "cifar-100-binary/test.bin": CIFAR_TEST_BIN,
-    }
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    }, mode="w:gz")
 
 
 def _check_cifar(data_dir):
