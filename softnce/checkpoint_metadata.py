@@ -127,13 +127,21 @@ def check(metadata: dict, where: str = "") -> dict:
 
 
 def write(ckpt_dir, step: int, metadata: dict) -> None:
-    """Writes ``metadata`` to ``<ckpt_dir>/<step>/softnce_metadata.json`` (process 0; replaced atomically)."""
+    """Writes ``metadata`` to ``<ckpt_dir>/<step>/softnce_metadata.json`` (process 0).
+
+    Idempotent: the file is written to a temporary name of this process and moved over any earlier
+    one in one step (``replace``), so a reader sees the old or the new file, never part of one.
+    """
     from softnce import checkpointing
 
     directory = checkpointing.step_dir(ckpt_dir, step)
-    tmp = directory / f".{FILENAME}.tmp"
-    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True))
-    tmp.rename(directory / FILENAME)
+    tmp = directory / f".{FILENAME}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        tmp.replace(directory / FILENAME)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def read(ckpt_dir, step: int) -> Optional[dict]:

@@ -32,6 +32,10 @@ STATE_ITEM = "default"  # the train state (the item a single-item manager reads)
 DATA_ITEM = "data"  # the training iterator's state (grain)
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint in a directory can be restored (each one's reason is reported before)."""
+
+
 def resolve(path: str | os.PathLike) -> epath.Path:
     """``path`` as an ``epath.Path``: local paths made absolute, URLs (``gs://...``) kept as they are."""
     text = os.fspath(path)
@@ -62,6 +66,16 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, metadata: Option
     if has_iterator_state(data_iterator):
         items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
     manager.save(step, args=ocp.args.Composite(**items), force=True, custom_metadata=custom)
+
+
+def raise_if_save_failed(manager: ocp.CheckpointManager) -> None:
+    """Raises the error of a finished asynchronous save that failed (e.g. a full disk); never blocks.
+
+    The trainer calls it after every step, so a failed save ends the run within a step of failing
+    instead of at the next save, possibly hours later.
+    """
+    if not manager.is_saving_in_progress():
+        manager.wait_until_finished()  # returns at once; raises the background save's error, if any
 
 
 METADATA_KEY = "softnce"  # the key of :func:`save`'s metadata in orbax's custom_metadata
@@ -158,7 +172,7 @@ def restore_newest_intact(
     Each checkpoint that fails is reported in one line (step and reason). If an older one then
     restores, the newer damaged ones are moved to :func:`corrupt_dir` (by process 0, after
     ``sync``) and ``manager`` is reloaded, so that later saves do not collide with them. If none
-    restores, nothing is moved and one ``RuntimeError`` names the directory.
+    restores, nothing is moved and one :class:`CheckpointError` names the directory.
 
     Returns:
       ``(state, step, iterator_restored)`` (see :func:`restore`).
@@ -178,7 +192,7 @@ def restore_newest_intact(
         if failed:
             _move_aside(manager, failed, is_chief=is_chief, sync=sync, log=log)
         return state, step, iterator_restored
-    raise RuntimeError(
+    raise CheckpointError(
         f"no checkpoint in {manager.directory} can be restored (tried steps {', '.join(map(str, steps))}; "
         "the reasons are above). Move or delete that directory to start the run from scratch, or restore "
         "an intact copy of it."

@@ -73,6 +73,16 @@ def initialize(
         jax.distributed.initialize()
 
 
+def coordination_client():
+    """The client of JAX's coordination service (its key-value store and barriers), or ``None`` on a
+    single process. JAX has no public accessor for it; orbax reads it the same way."""
+    if not jax.distributed.is_initialized():
+        return None
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
 def make_mesh(devices=None) -> Mesh:
     """A one-axis mesh ``('data',)`` over all devices (Auto axes, as ``shard_map`` expects)."""
     devices = jax.devices() if devices is None else devices

@@ -9,7 +9,12 @@ a module of the user's first, so the config may name the losses, models and data
 
 from __future__ import annotations
 
-from softnce import _extras
+if __name__ == "__main__":  # first of all: a SIGTERM from now on saves a step (softnce.preemption)
+    from softnce import preemption
+
+    preemption.catch_early_sigterm()
+
+from softnce import _extras  # noqa: E402
 
 if _extras.MISSING_TRAIN:
     raise _extras.missing_extra("train", __name__)
@@ -63,6 +68,9 @@ def main(argv) -> None:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; keep library INFO logs out
+    from softnce import failures
+
+    failures.quiet_background_errors()  # a failure is one line of ours, not library threads' tracebacks
     import jax
 
     if _NUM_CPU_DEVICES.value:
@@ -73,6 +81,7 @@ def main(argv) -> None:
     import importlib
 
     from softnce import distributed, train
+    from softnce.checkpointing import CheckpointError
     from softnce.config_checks import ConfigError
     from softnce.data.base import DataError, DataNotPreparedError
 
@@ -90,10 +99,16 @@ def main(argv) -> None:
     except ConfigError as error:
         cli.fail(error)
 
+    failures.watch_for_failures()  # several processes: one that fails stops all (softnce.failures)
     try:
         train.train_and_evaluate(config, _WORKDIR.value)
-    except (ConfigError, DataError, DataNotPreparedError) as error:  # bad config or data: one line
-        cli.fail(error)
+    except (ConfigError, DataError, DataNotPreparedError) as error:  # bad config or data
+        failures.exit_run(cli.one_line(error), cli.EXIT_USAGE)
+    except (failures.RunFailure, FloatingPointError, CheckpointError) as error:  # disk, processes, loss, checkpoint
+        failures.exit_run(str(error))
+    except Exception as error:  # noqa: BLE001  (a bug: its traceback, then every process stops)
+        failures.exit_run(f"{type(error).__name__}: {error}", error=error)
+    failures.all_finished()
 
 
 if __name__ == "__main__":

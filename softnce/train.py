@@ -41,7 +41,6 @@ import collections
 import dataclasses
 import functools
 import json
-import signal
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -63,9 +62,11 @@ from softnce import (
     distill,
     distributed,
     evaluation,
+    failures,
     losses,
     models,
     optim,
+    preemption,
     targets,
 )
 from softnce.data import DATASETS, get_dataset
@@ -501,28 +502,6 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag checked between steps (restores the old handler on exit)."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
 class Progress:
     """Prints ``step i/T | metrics | steps/s | ETA`` lines on process 0."""
 
@@ -594,7 +573,6 @@ def _log_train_metrics(run: Run, history, *, step: int, progress: Progress) -> N
         fetched = _check_finite(history, run.last_saved, run.ckpt_dir)
     except FloatingPointError:
         run.manager.wait_until_finished()
-        run.writer.flush()
         raise
     mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
     mean["learning_rate"] = float(run.schedule(step - 1))
@@ -731,15 +709,15 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
     in_flight = StepsInFlight(max_steps_in_flight(config), watchdog)
     metadata = checkpoint_metadata.build(config, run.dataset, run.log_noise_probs)  # saved with every checkpoint
 
-    with _Preemption() as preemption, watchdog:
+    with preemption.Preemption(run.start_step) as stop_request, watchdog:
         for step in range(run.start_step + 1, total + 1):
             batch = distributed.global_batch(run.mesh, next(run.batches))
             run.state, metrics = run.step_fn(run.state, batch, run.train_rng, run.log_noise_probs)
             in_flight.dispatched(step, metrics)
             history.append((step, metrics))
+            checkpointing.raise_if_save_failed(run.manager)
             is_last = step == total
-            preempted = preemption.requested if jax.process_count() == 1 else run.manager.reached_preemption(step)
-            preempted = preempted or step == stop_at_step
+            preempted = stop_request.requested(step) or step == stop_at_step
             save_now = is_last or preempted or step % config.checkpoint_every_steps == 0
             evaluate_now = is_last or step % config.eval_every_steps == 0
             validate_now = bool(validation_every) and (is_last or step % validation_every == 0)
@@ -759,7 +737,6 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
                     run.manager.wait_until_finished()
                     _print_chief(run.is_chief, f"stopped at step {step} (preempted or stop_at_step); saved to "
                                  f"{run.ckpt_dir}; rerun the same command to resume.")
-                    run.writer.flush()
                     return {"preempted_at_step": step}
                 if evaluate_now and evaluate_test:
                     summary, sums = _evaluate_test(run)
@@ -785,7 +762,6 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
         _write_results(run, summary, sums, calibrated_sums)
     if validation is not None:
         summary["validation"] = validation
-    run.writer.flush()
     return summary
 
 
@@ -798,13 +774,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     Writes ``config.json``, TensorBoard scalars, ``checkpoints/``, ``metrics.json`` (test metrics at
     the training temperature, plus ``temperature``, ``nll_calibrated`` and ``ece_calibrated`` when
     the data has a validation split), ``eval_sums.json`` (the calibration-bin sums) and
-    ``reliability.png`` to ``workdir`` (process 0). Raises ``FloatingPointError`` on a non-finite
-    loss, keeping the last good checkpoint; the step watchdog ends a stuck process (see
-    :mod:`softnce.watchdog`). Validation tracking (``config.validation_every_steps``,
+    ``reliability.png`` to ``workdir`` (process 0). Validation tracking (``config.validation_every_steps``,
     ``config.evaluate_test``) adds ``history.json`` and ``validation_metrics.json`` (:func:`train_loop`).
+
+    A run that already finished in ``workdir`` (:func:`completed_results`) is not touched: its
+    results are read back and returned. Raises ``FloatingPointError`` on a non-finite loss, keeping
+    the last good checkpoint, and a :class:`softnce.failures.RunFailure` with a one-line message for
+    a full disk or a lost process; the step watchdog ends a stuck process (see :mod:`softnce.watchdog`).
     """
-    run = set_up(config, workdir)
+    results = completed_results(config, workdir)
+    if results is not None:
+        summary = json.loads(results.read_text())
+        _print_chief(jax.process_index() == 0, f"the run in {workdir} is complete (step {summary['step']}); its "
+                     f"results are in {results}; nothing was changed.")
+        return summary
+    run = None
     try:
-        return train_loop(run, stop_at_step=stop_at_step)
-    finally:
-        run.writer.close()  # its writer thread ends now, not in an atexit hook at interpreter shutdown
+        run = set_up(config, workdir)
+        summary = train_loop(run, stop_at_step=stop_at_step)
+        run.writer.close()
+        return summary
+    except Exception as error:
+        if run is not None:
+            _close_after_failure(run.writer)
+        explained = failures.explain(error, str(checkpointing.resolve(workdir) / "checkpoints"))
+        if explained is error:
+            raise
+        raise explained from error
+
+
+def _close_after_failure(writer: MetricWriter) -> None:
+    """Closes the event file of a run that failed; a second error (a full disk) would hide the first."""
+    try:
+        writer.close()
+    except OSError:
+        pass
+
+
+def completed_results(config: ml_collections.ConfigDict, workdir: str) -> Optional[epath.Path]:
+    """The results file of a run of ``config`` that already finished in ``workdir``, else ``None``.
+
+    Finished means: the checkpoint of step ``config.num_train_steps`` exists with its final metadata
+    (``softnce_metadata.json``, written after ``t*``), and the last results file the run writes
+    (``metrics.json``, or ``validation_metrics.json`` when ``config.evaluate_test`` is False) reports
+    that step. Anything less (a run that stopped during its final evaluation, say) is not finished.
+    """
+    workdir = checkpointing.resolve(workdir)
+    results = workdir / ("metrics.json" if config.get("evaluate_test", True) else "validation_metrics.json")
+    final_step = checkpointing.step_dir(workdir / "checkpoints", config.num_train_steps)
+    final_metadata = final_step / checkpoint_metadata.FILENAME
+    if not (results.exists() and final_metadata.exists()):
+        return None
+    try:
+        reported = json.loads(results.read_text()).get("step")
+    except ValueError:  # a results file cut short
+        return None
+    return results if reported == config.num_train_steps else None

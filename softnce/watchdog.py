@@ -3,10 +3,11 @@
 On a pod, one stuck process (alive, but never entering a collective) blocks every other process
 inside that collective forever, and JAX has no timeout for it. The watchdog is a daemon thread that
 the training loop feeds with :meth:`StepWatchdog.step_finished` each time a train step is known to
-be complete. If no step finishes within the timeout, it prints the last finished step, the
-elapsed time and the process index, and ends the process with exit code
-:data:`WATCHDOG_EXIT_CODE` (``os._exit``: the main thread may be blocked inside XLA), so that the
-scheduler restarts the job from its last checkpoint.
+be complete. If no step finishes within the timeout, it prints one line with the last finished
+step, the elapsed time and the process index, and ends the process (and every other process of
+the job) with exit code :data:`WATCHDOG_EXIT_CODE` through :func:`softnce.failures.exit_run`, from
+its own thread (the main thread may be blocked inside XLA), so that the scheduler restarts the job
+from its last checkpoint.
 
 Timeout: ``config.step_timeout_s`` if set; otherwise automatic, ``max(10 x the median step time,
 AUTO_MIN_TIMEOUT_S)`` once :data:`AUTO_MIN_SAMPLES` step times have been measured. The clock
@@ -18,12 +19,12 @@ temperature fitting) run inside :meth:`StepWatchdog.paused`.
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
-import sys
 import threading
 import time
 from typing import Callable, Optional
+
+from softnce import failures
 
 WATCHDOG_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", i.e. restart from the last checkpoint
 AUTO_FACTOR = 10.0
@@ -37,15 +38,16 @@ class StepWatchdog:
     Args:
       timeout_s: fixed timeout in seconds, or ``None`` for the automatic one (see module doc).
       process_index: printed in the message.
-      exit_fn: called with the exit code on a timeout (default ``os._exit``; tests may replace it).
+      exit_fn: called with the message and the exit code on a timeout (default
+        :func:`softnce.failures.exit_run`: one line, and every process of the job exits; tests may replace it).
       poll_s: how often the thread looks at the clock.
     """
 
     def __init__(self, timeout_s: Optional[float], *, process_index: int = 0,
-                 exit_fn: Callable[[int], None] = os._exit, poll_s: float = 0.5):
+                 exit_fn: Optional[Callable[[str, int], None]] = None, poll_s: float = 0.5):
         self.fixed_timeout = timeout_s
         self.process_index = process_index
-        self.exit_fn = exit_fn
+        self.exit_fn = exit_fn or failures.exit_run
         self.poll_s = poll_s
         self._lock = threading.Lock()
         self._last_step: Optional[int] = None
@@ -105,11 +107,10 @@ class StepWatchdog:
                 continue
             elapsed = time.monotonic() - last_time
             if elapsed > timeout:
-                print(
+                self.exit_fn(
                     f"watchdog: no train step finished for {elapsed:.1f} s (timeout {timeout:.1f} s) after step "
                     f"{last_step} on process {self.process_index}; exiting with code {WATCHDOG_EXIT_CODE} so that "
                     "the job restarts from its last checkpoint (config.step_timeout_s sets the timeout).",
-                    file=sys.stderr, flush=True,
+                    WATCHDOG_EXIT_CODE,
                 )
-                self.exit_fn(WATCHDOG_EXIT_CODE)
                 return

@@ -188,7 +188,7 @@ def test_negative_learning_rate_fails_before_the_first_step_in_one_line(tmp_path
 
 def test_watchdog_fires_only_when_armed_and_not_paused():
     exits = []
-    with watchdog.StepWatchdog(0.3, exit_fn=exits.append, poll_s=0.02) as dog:
+    with watchdog.StepWatchdog(0.3, exit_fn=lambda message, code: exits.append(code), poll_s=0.02) as dog:
         time.sleep(0.6)  # not armed yet: the first step (compilation) has not finished
         assert exits == []
         dog.step_finished(1)
@@ -200,7 +200,7 @@ def test_watchdog_fires_only_when_armed_and_not_paused():
 
 
 def test_automatic_timeout_is_generous_and_needs_samples():
-    dog = watchdog.StepWatchdog(None, exit_fn=lambda code: None)
+    dog = watchdog.StepWatchdog(None, exit_fn=lambda message, code: None)
     for step in range(1, watchdog.AUTO_MIN_SAMPLES + 1):
         dog.step_finished(step)
         assert dog.timeout() is None

@@ -1,0 +1,162 @@
+"""Stress test: SIGTERM at random moments to a 2-process run; prints ``trials: N, failed: F``.
+
+Each trial launches ``python -m softnce.main`` as 2 processes x 2 CPU devices over 127.0.0.1
+(digits, ``--steps`` steps, a checkpoint every ``--checkpoint_every``) and, after a random delay
+(uniform from 0.2 s after the launch to the length of an uninterrupted run, so start-up, steps,
+collectives, checkpoint saves and the final evaluation are all hit), sends SIGTERM to both
+processes, to process 0 only or to process 1 only (in turn). A trial passes when:
+
+- every process exits with code 0 within ``--grace`` seconds (30: a Cloud TPU preemption) of the signal;
+- the newest checkpoint is the step the processes stopped at (or the last step, for a signal that
+  came after training), and no unfinished checkpoint is left as a step;
+- relaunching the same command ends with parameters equal, bit for bit, to an uninterrupted run's.
+
+The first 0.2 s are left out: the interpreter has not run a line of softnce yet, so a SIGTERM kills
+it (exit -15) before it has done anything that could be lost.
+
+Usage::
+
+    python experiments/stress_preemption.py --trials 20          # the record in BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TARGETS = ("both", "process 0", "process 1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env() -> dict:
+    """The environment for CLI subprocesses: no inherited XLA device flags, no TF/XLA start-up logs."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    return env
+
+
+def launch(args: Sequence[str], workdir: str, logs: Sequence[str], *, devices_per_process: int = 2,
+           env: Optional[dict] = None, cwd: str = REPO) -> list[subprocess.Popen]:
+    """``python -m softnce.main <args> --workdir=<workdir>`` as ``len(logs)`` processes over 127.0.0.1.
+
+    Process ``i`` writes its output (stdout and stderr) to ``logs[i]``; one process runs without the
+    multi-process flags.
+    """
+    base = [sys.executable, "-m", "softnce.main", *args, f"--workdir={workdir}",
+            f"--num_cpu_devices={devices_per_process}"]
+    if len(logs) > 1:
+        address = f"127.0.0.1:{_free_port()}"
+        flags = [[f"--coordinator_address={address}", f"--num_processes={len(logs)}", f"--process_id={i}"]
+                 for i in range(len(logs))]
+    else:
+        flags = [[]]
+    env = cli_env() if env is None else env
+    return [subprocess.Popen(base + extra, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            for extra, log in zip(flags, logs)]
+
+
+def wait_all(processes: Sequence[subprocess.Popen], timeout_s: float) -> tuple[list[Optional[int]], float]:
+    """Waits for every process, at most ``timeout_s`` in all; returns their exit codes (``None``: still
+    running, then killed) and the seconds until the last one ended."""
+    start = time.monotonic()
+    codes = []
+    for process in processes:
+        try:
+            codes.append(process.wait(timeout=max(0.0, timeout_s - (time.monotonic() - start))))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            codes.append(None)
+    return codes, time.monotonic() - start
+
+
+def run_args(steps: int, checkpoint_every: int) -> list[str]:
+    return [f"--config=configs/digits.py:steps={steps}", f"--config.checkpoint_every_steps={checkpoint_every}",
+            "--config.max_checkpoints=2", f"--config.log_every_steps={max(1, steps // 10)}",
+            f"--config.eval_every_steps={steps}"]
+
+
+def final_params(workdir: str):
+    """``(step, params)`` of the newest checkpoint in ``workdir``."""
+    from softnce import checkpointing
+
+    manager = checkpointing.read_only_manager(os.path.join(workdir, "checkpoints"))
+    return manager.latest_step(), checkpointing.restore_on_this_host(manager)["params"]
+
+
+def equal(a, b) -> bool:
+    import jax
+    import numpy as np
+
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def trial(args: Sequence[str], root: str, delay_s: float, target: str, grace_s: float, reference) -> str:
+    """One trial (see the module docstring); returns ``''`` if it passed, else what went wrong."""
+    workdir = os.path.join(root, "run")
+    logs = [os.path.join(root, f"process{i}.log") for i in (0, 1)]
+    processes = launch(args, workdir, logs)
+    time.sleep(delay_s)
+    for i, process in enumerate(processes):
+        if target in ("both", f"process {i}"):
+            process.send_signal(signal.SIGTERM)
+    codes, took = wait_all(processes, grace_s)
+    if codes != [0, 0]:
+        return f"exit codes {codes} ({took:.1f} s after the signal)"
+    leftovers = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if not d.isdigit()]
+    if leftovers:
+        return f"unfinished checkpoints left: {leftovers}"
+    stopped = final_params(workdir)[0]
+    relaunch, took_again = wait_all(launch(args, workdir, logs), 600)
+    if relaunch != [0, 0]:
+        return f"relaunch after the stop at step {stopped}: exit codes {relaunch}"
+    if not equal(final_params(workdir)[1], reference):
+        return f"relaunch after the stop at step {stopped} does not equal the uninterrupted run"
+    return ""
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=20, help="preempted-and-relaunched runs")
+    parser.add_argument("--steps", type=int, default=300, help="train steps of each run")
+    parser.add_argument("--checkpoint_every", type=int, default=100, help="steps between periodic checkpoints")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds from SIGTERM to SIGKILL")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the signal times")
+    options = parser.parse_args(argv)
+    args = run_args(options.steps, options.checkpoint_every)
+    rng = random.Random(options.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.monotonic()
+        logs = [os.path.join(tmp, f"reference{i}.log") for i in (0, 1)]
+        codes, _ = wait_all(launch(args, os.path.join(tmp, "reference"), logs), 600)
+        if codes != [0, 0]:
+            sys.exit(f"the uninterrupted run failed ({codes}); see {logs}")
+        length = time.monotonic() - start
+        reference = final_params(os.path.join(tmp, "reference"))[1]
+        print(f"uninterrupted run: {length:.1f} s; SIGTERM after 0.2-{length:.1f} s", flush=True)
+        failed = 0
+        for index in range(options.trials):
+            delay, target = rng.uniform(0.2, length), TARGETS[index % len(TARGETS)]
+            root = tempfile.mkdtemp(dir=tmp)
+            problem = trial(args, root, delay, target, options.grace, reference)
+            failed += bool(problem)
+            print(f"trial {index}: SIGTERM to {target} after {delay:.1f} s: {problem or 'ok'}", flush=True)
+        print(f"trials: {options.trials}, failed: {failed}")
+
+
+if __name__ == "__main__":
+    main()
