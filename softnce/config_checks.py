@@ -121,6 +121,8 @@ RULES: dict[str, Range] = {
     "data.random_erasing_prob": probability("probability of random erasing"),
     "data.host_threads": count(1, "Grain threads decoding and cropping images (None = one per core)", allow_none=True),
     "data.num_classes": count(1, "classes of a dataset read from files (None = from the files)", allow_none=True),
+    "data.tuple_size": count(1, "Fashion-MNIST images per tuple, k: C = 10^k classes", high=3),
+    "data.pool_size": count(1, "side of the average-pooling window of each 28x28 image; 1 = none", high=28),
     # Model.
     "model.hidden_sizes": count(1, "units per hidden layer"),
     "model.channels": count(1, "channels of each convolutional stage (small_cnn)"),

@@ -23,6 +23,8 @@ is rebuilt from the run's ``config.json`` and its dataset, and ``t*`` is taken f
 - ``digits``: float32 ``[n, 8, 8, 1]``, pixel values / 16 (``sklearn.datasets.load_digits().images / 16``).
 - ``fashion_mnist``: float32 ``[n, 28, 28, 1]``, ``(pixel / 255 - 0.2860) / 0.3530``
   (:func:`softnce.data.fashion_mnist.normalize` of the uint8 images).
+- ``fashion_mnist_tuples``: float32 ``[n, 28/p, 28k/p, 1]``, ``k`` such images side by side, each
+  average-pooled over ``p x p`` blocks (``p = config.data.pool_size``; :mod:`softnce.data.fashion_tuples`).
 - ``imagenet2012``, ``cifar100``, ``tiny_imagenet`` (the ImageNet path): uint8 ``[n, S, S, 3]``
   centre crops of RGB images, ``S = config.data.image_size``: resize the shorter side to
   ``floor(S / 0.875)`` (bicubic) and take the central ``S x S``, as

@@ -34,6 +34,7 @@ register_dataset = DATASETS.register
 
 register_dataset("digits", lazy("softnce.data.digits:make_digits_dataset"))
 register_dataset("fashion_mnist", lazy("softnce.data.fashion_mnist:make_fashion_mnist_dataset"))
+register_dataset("fashion_mnist_tuples", lazy("softnce.data.fashion_tuples:make_fashion_tuples_dataset"))  # C = 10^k
 register_dataset("npz", lazy("softnce.data.npz:make_npz_dataset"))  # .npz files with optional soft targets
 register_dataset("tfds_arrays", lazy("softnce.data.tfds_arrays:make_tfds_arrays_dataset"))  # tfds, soft labels too
 register_dataset("toy", lazy("softnce.data.toy:make_toy_dataset"))
