@@ -23,6 +23,7 @@ the same way on the command line (``softnce.main``):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -37,6 +38,7 @@ from softnce.cli import PROG, one_line
 
 EXIT_FAILURE = 1
 ACK_TIMEOUT_S = 10.0
+_POLL_MS = 500  # how often the watcher thread checks whether it should stop
 _FAILURE_KEY = "softnce/failure"
 _ACK_KEY = "softnce/failure_ack/"
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -140,13 +142,15 @@ def free_space(path: str) -> str:
 
 def last_complete_checkpoint(ckpt_dir: str) -> str:
     """``'step N in <dir>'`` for the newest finished checkpoint in ``ckpt_dir``, or ``'none'``."""
-    from softnce import checkpointing
+    import orbax.checkpoint as ocp
 
+    # A listing of finished step directories, not a CheckpointManager: on several processes that
+    # would synchronise them, and a failing process must not wait for the others.
     try:
-        step = checkpointing.read_only_manager(ckpt_dir).latest_step()
-    except Exception:  # noqa: BLE001  (no directory, or one that cannot be read: there is none to name)
-        step = None
-    return "none" if step is None else f"step {step} in {ckpt_dir}"
+        latest = ocp.step.latest_step_metadata(ckpt_dir, ocp.step.standard_name_format())
+    except OSError:  # no directory, or one that cannot be read: there is none to name
+        latest = None
+    return "none" if latest is None else f"step {latest.step} in {ckpt_dir}"
 
 
 def _short(error: BaseException, limit: int = 200) -> str:
@@ -162,7 +166,8 @@ def explain(error: BaseException, ckpt_dir: str) -> BaseException:
     path = out_of_space_path(error)
     if path is not None:
         step = re.search(r"/(\d+)\.orbax-checkpoint-tmp", path)
-        where = f" writing {path}" if path else ""
+        # A write that fails at close names no file; every write of a run goes under its workdir.
+        where = f" writing {path}" if path else f" holding {os.path.dirname(os.path.normpath(ckpt_dir))}"
         if step:  # a file deep inside orbax's temporary directory: name the checkpoint instead
             where = f" writing the checkpoint of step {step.group(1)} in {ckpt_dir}"
         return OutOfSpaceError(
@@ -207,21 +212,51 @@ class _Watcher(threading.Thread):
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
-                value = self.client.blocking_key_value_get(_FAILURE_KEY, 1000)
+                value = self.client.blocking_key_value_get(_FAILURE_KEY, _POLL_MS)
             except Exception as error:  # noqa: BLE001  (a timeout, or the service is gone)
                 if self.stopping.is_set() or "DEADLINE_EXCEEDED" in str(error):
                     continue
-                _print_error("lost the coordination service (process 0 stopped, or the network failed); "
-                             "rerun the job (all processes) to resume from its last complete checkpoint.")
-                _exit_now(EXIT_FAILURE)
+                lost_job(str(error))
             code, origin, message = value.split("|", 2)
             if self.stopping.is_set() or int(origin) == self.process_index:
                 return  # this process is exiting already (its own failure, or its work is done)
+            if not _claim_exit():
+                return
             _print_error(f"process {origin}: {message}")
             _finish(self.client, self.process_index, int(code))
 
 
 _watcher: Optional[_Watcher] = None
+_exiting = threading.Event()  # this process is ending (exit_run or a failure message): report nothing more
+_exit_lock = threading.Lock()
+
+
+def _claim_exit() -> bool:
+    """True for the first thread of this process that ends it; any later one must report nothing."""
+    with _exit_lock:
+        first = not _exiting.is_set()
+        _exiting.set()
+        return first
+
+
+def _wait_for_the_exit() -> NoReturn:
+    """Blocks a thread while the thread that claimed the exit ends the process."""
+    while True:
+        threading.Event().wait(3600)
+
+
+def lost_job(reason: str) -> None:
+    """Ends this process with one line when the coordination service's key-value store stops answering.
+
+    (When process 0, which hosts the service, dies, JAX's runtime usually ends the other processes
+    first, with its own message: see "What happens on resume, stop and failure" in the README.)
+    """
+    if not _claim_exit():
+        return
+    _print_error(f"lost contact with the job: another process stopped, or process 0 (the coordination "
+                 f"service) is gone ({_short(RuntimeError(reason), 160)}); rerun the job (all processes) "
+                 "to resume from its last complete checkpoint.")
+    _exit_now(EXIT_FAILURE)
 
 
 def watch_for_failures() -> None:
@@ -239,9 +274,13 @@ def watch_for_failures() -> None:
 def stop_watching() -> None:
     """Stops the watcher before a normal exit (call on every process once they all finished their work)."""
     global _watcher
-    if _watcher is not None:
-        _watcher.stopping.set()
-        _watcher = None
+    watcher, _watcher = _watcher, None
+    if watcher is not None:
+        watcher.stopping.set()
+        if watcher is not threading.current_thread():
+            # Wait for its key-value poll (at most _POLL_MS) to return: a daemon thread still inside
+            # a C++ call when the interpreter shuts down aborts the process ("exception not rethrown").
+            watcher.join(timeout=5 * _POLL_MS / 1000)
 
 
 def all_finished(timeout_s: float = 3600.0) -> None:
@@ -253,6 +292,40 @@ def all_finished(timeout_s: float = 3600.0) -> None:
     if client is not None:
         client.wait_at_barrier("softnce/all_finished", int(timeout_s * 1000))
     stop_watching()
+
+
+class _FailedSaveWatch(logging.Filter):
+    """Ends the job when orbax logs that a background save failed here (see :func:`end_job_on_failed_save`)."""
+
+    def __init__(self, ckpt_dir: str):
+        super().__init__()
+        self.ckpt_dir = ckpt_dir
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.exc_info and "/orbax/" in record.pathname.replace(os.sep, "/"):
+            exit_run(str(explain(record.exc_info[1], self.ckpt_dir)))
+        return True
+
+
+@contextlib.contextmanager
+def end_job_on_failed_save(ckpt_dir: str):
+    """On several processes: a checkpoint save that fails in orbax's background thread ends the job at once.
+
+    The failing process skips the barrier at which the others wait for its part of the save, so
+    they would wait for orbax's barrier timeout (minutes), and so would it, at the next barrier of
+    the save. orbax logs the failure (an ERROR with the exception) from its thread as it happens:
+    that record ends the job through :func:`exit_run`, with the message of :func:`explain`. A no-op
+    on one process, where the trainer raises the error within a step (``raise_if_save_failed``).
+    """
+    if _client() is None:
+        yield
+        return
+    watch, logger = _FailedSaveWatch(ckpt_dir), logging.getLogger("absl")  # orbax logs through absl
+    logger.addFilter(watch)
+    try:
+        yield
+    finally:
+        logger.removeFilter(watch)
 
 
 def _print_error(message: str) -> None:
@@ -279,6 +352,8 @@ def exit_run(message: str, code: int = EXIT_FAILURE, *, error: Optional[BaseExce
 
     ``error``, if given, is an unexpected exception (a bug to report): its traceback is printed first.
     """
+    if not _claim_exit():  # another thread of this process is ending it already (with its own message)
+        _wait_for_the_exit()
     if error is not None:
         traceback.print_exception(error)
     _print_error(message)
