@@ -13,6 +13,8 @@ the same way on the command line (``softnce.main``):
   code, wherever its main thread is blocked (a collective waiting for the failed process, for
   instance). Process 0, which hosts the coordination service, waits for those acknowledgements
   (at most :data:`ACK_TIMEOUT_S`) and exits last, so no process sees the service vanish first.
+  A checkpoint save that fails in orbax's background thread ends the job as soon as orbax logs it
+  (:func:`end_job_on_failed_save`), before the other processes wait for it at orbax's barrier.
 - **Exit without clean-up.** The process ends with ``os._exit`` after flushing its output: the
   background threads of orbax (an unfinished asynchronous save) and of JAX's distributed runtime
   (its shutdown barrier, which would wait for the failed process) are not run at interpreter
@@ -217,6 +219,7 @@ class _Watcher(threading.Thread):
                 if self.stopping.is_set() or "DEADLINE_EXCEEDED" in str(error):
                     continue
                 lost_job(str(error))
+                return  # another thread of this process is ending it
             code, origin, message = value.split("|", 2)
             if self.stopping.is_set() or int(origin) == self.process_index:
                 return  # this process is exiting already (its own failure, or its work is done)

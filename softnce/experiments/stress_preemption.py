@@ -14,9 +14,15 @@ processes, to process 0 only or to process 1 only (in turn). A trial passes when
 The first 0.2 s are left out: the interpreter has not run a line of softnce yet, so a SIGTERM kills
 it (exit -15) before it has done anything that could be lost.
 
+``--full_disk N`` (as root) also runs ``N`` trials of a 2-process run whose workdir is a fresh 3 MB
+tmpfs, with a checkpoint every 10 steps and none deleted, so that the disk fills during a save. A
+trial passes when both processes exit with code 1 within ``--grace`` seconds of the launch, each
+prints exactly one line ``softnce: error: no space left ...`` and no traceback, and the checkpoint
+that line names as the last complete one is restorable.
+
 Usage::
 
-    python experiments/stress_preemption.py --trials 20          # the record in BENCHMARKS.md
+    python experiments/stress_preemption.py --trials 20 --full_disk 10    # the record in BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -105,8 +112,9 @@ def equal(a, b) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def trial(args: Sequence[str], root: str, delay_s: float, target: str, grace_s: float, reference) -> str:
-    """One trial (see the module docstring); returns ``''`` if it passed, else what went wrong."""
+def trial(args: Sequence[str], root: str, delay_s: float, target: str, grace_s: float, reference) -> tuple[str, float]:
+    """One trial (see the module docstring); returns ``''`` if it passed, else what went wrong, and the
+    seconds from the signal until the last process exited."""
     workdir = os.path.join(root, "run")
     logs = [os.path.join(root, f"process{i}.log") for i in (0, 1)]
     processes = launch(args, workdir, logs)
@@ -116,17 +124,41 @@ def trial(args: Sequence[str], root: str, delay_s: float, target: str, grace_s: 
             process.send_signal(signal.SIGTERM)
     codes, took = wait_all(processes, grace_s)
     if codes != [0, 0]:
-        return f"exit codes {codes} ({took:.1f} s after the signal)"
+        return f"exit codes {codes}", took
     leftovers = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if not d.isdigit()]
     if leftovers:
-        return f"unfinished checkpoints left: {leftovers}"
+        return f"unfinished checkpoints left: {leftovers}", took
     stopped = final_params(workdir)[0]
-    relaunch, took_again = wait_all(launch(args, workdir, logs), 600)
+    relaunch, _ = wait_all(launch(args, workdir, logs), 600)
     if relaunch != [0, 0]:
-        return f"relaunch after the stop at step {stopped}: exit codes {relaunch}"
+        return f"relaunch after the stop at step {stopped}: exit codes {relaunch}", took
     if not equal(final_params(workdir)[1], reference):
-        return f"relaunch after the stop at step {stopped} does not equal the uninterrupted run"
-    return ""
+        return f"relaunch after the stop at step {stopped} does not equal the uninterrupted run", took
+    return "", took
+
+
+def full_disk_trial(root: str, grace_s: float) -> str:
+    """One full-disk trial (see the module docstring); returns ``''`` if it passed, else what went wrong."""
+    disk = os.path.join(root, "small")
+    os.makedirs(disk)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", disk], check=True)
+    try:
+        args = run_args(300, 10) + ["--config.max_checkpoints=1000"]
+        workdir, logs = os.path.join(disk, "run"), [os.path.join(root, f"process{i}.log") for i in (0, 1)]
+        codes, took = wait_all(launch(args, workdir, logs), grace_s)
+        if codes != [1, 1]:
+            return f"exit codes {codes} after {took:.1f} s"
+        for i, log in enumerate(logs):
+            text = open(log).read()
+            errors = [line for line in text.splitlines() if line.startswith("softnce: error:")]
+            if len(errors) != 1 or "no space left" not in errors[0] or "Traceback" in text:
+                return f"process {i} printed {len(errors)} error lines: {text[-2000:]}"
+        named = re.search(r"the last complete checkpoint is step (\d+)", errors[0])
+        if named and final_params(workdir)[0] != int(named.group(1)):
+            return f"the last complete checkpoint is not step {named.group(1)}"
+        return ""
+    finally:
+        subprocess.run(["umount", "-l", disk], check=False)
 
 
 def main(argv=None) -> None:
@@ -136,6 +168,7 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint_every", type=int, default=100, help="steps between periodic checkpoints")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds from SIGTERM to SIGKILL")
     parser.add_argument("--seed", type=int, default=0, help="seed of the signal times")
+    parser.add_argument("--full_disk", type=int, default=0, help="full-disk trials (needs root to mount a tmpfs)")
     options = parser.parse_args(argv)
     args = run_args(options.steps, options.checkpoint_every)
     rng = random.Random(options.seed)
@@ -148,14 +181,25 @@ def main(argv=None) -> None:
         length = time.monotonic() - start
         reference = final_params(os.path.join(tmp, "reference"))[1]
         print(f"uninterrupted run: {length:.1f} s; SIGTERM after 0.2-{length:.1f} s", flush=True)
-        failed = 0
+        failed, exit_times = 0, []
         for index in range(options.trials):
             delay, target = rng.uniform(0.2, length), TARGETS[index % len(TARGETS)]
             root = tempfile.mkdtemp(dir=tmp)
-            problem = trial(args, root, delay, target, options.grace, reference)
+            problem, took = trial(args, root, delay, target, options.grace, reference)
             failed += bool(problem)
-            print(f"trial {index}: SIGTERM to {target} after {delay:.1f} s: {problem or 'ok'}", flush=True)
-        print(f"trials: {options.trials}, failed: {failed}")
+            exit_times.append(took)
+            print(f"trial {index}: SIGTERM to {target} after {delay:.1f} s, exited {took:.1f} s later: "
+                  f"{problem or 'ok'}", flush=True)
+        if options.trials:
+            print(f"trials: {options.trials}, failed: {failed}, signal to exit: {min(exit_times):.1f}-"
+                  f"{max(exit_times):.1f} s", flush=True)
+        failed = 0
+        for index in range(options.full_disk):
+            problem = full_disk_trial(tempfile.mkdtemp(dir=tmp), options.grace)
+            failed += bool(problem)
+            print(f"full-disk trial {index}: {problem or 'ok'}", flush=True)
+        if options.full_disk:
+            print(f"full-disk trials: {options.full_disk}, failed: {failed}")
 
 
 if __name__ == "__main__":
