@@ -11,6 +11,8 @@
   (the digits and Fashion-MNIST comparisons; a sweep of one point per loss).
 * :mod:`~softnce.experiments.fair_comparison`: every loss tuned on validation in a Fashion-MNIST regime where
   soft targets pay off, then compared on the test split over seeds.
+* :mod:`~softnce.experiments.many_class`: STI against soft-target CE (and InfoNCE against NLL) on Fashion-MNIST
+  k-tuples as the classes (10 to 1,000) and the batch grow, each loss tuned on validation per C.
 * :mod:`~softnce.experiments.distillation`: knowledge distillation on Fashion-MNIST, a teacher CNN then the
   small CNN on its targets with several losses, over seeds, through the real trainer.
 * ``bench_*``, :mod:`~softnce.experiments.gpu_benchmark`, :mod:`~softnce.experiments.stress_devices`: speed,
