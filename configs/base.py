@@ -4,7 +4,8 @@ Flax's examples pattern (``examples/imagenet/configs/default.py``): one base hol
 most configs share, with its default, and ``configs/digits.py`` etc. set only their dataset, model
 and what their experiment changes. Not launchable by itself: it names no dataset and no model.
 
-Every numeric field has its validity rule in ``softnce.config_checks.RULES``.
+Every numeric field has its validity rule: the base fields in ``softnce.config_checks.RULES``, the
+fields of the loss and the model where they are registered (``softnce.config_checks``).
 """
 
 import ml_collections

@@ -9,6 +9,8 @@ before they are imported (in well under 2 s) and before any of their start-up lo
   config file that does not exist (with the nearest file name as a suggestion), a bad variant key
   (``configs/digits.py:los=nll``), an override of a field the config does not have (with
   ml_collections' "did you mean" suggestion), a value that does not parse, or any other flag error.
+  The loss's and the model's fields may be new (:data:`COMPONENT_SECTIONS`); whether the named
+  component takes them is checked with the rest of the config (:mod:`softnce.config_checks`).
 - :func:`apply_overrides` applies ``--config.<path>=<value>`` arguments to a config read from a
   run's ``config.json`` (``softnce.evaluate``), with the same kind of errors and suggestions.
 """
@@ -112,20 +114,56 @@ def _config_parse_error(text: str) -> str:
     return re.sub(r"^(\w+\.)*\w*(Error|Exception): ", "", last)
 
 
+COMPONENT_SECTIONS = ("loss", "model")
+"""The config sections whose fields are the named component's (:mod:`softnce.config_checks`): a
+``--config.<section>.<field>`` override may add a field that the config file does not have."""
+
+
+def split_component_overrides(argv: Sequence[str], name: str = "config") -> tuple[list[str], list[str]]:
+    """``(the --config.<section>.* arguments of the COMPONENT_SECTIONS (with a separate value), the rest)``."""
+    pattern = rf"^--?{name}\.({'|'.join(COMPONENT_SECTIONS)})\.[\w.]+(=.*)?$"
+    component, rest = [], []
+    i = 0
+    while i < len(argv):
+        match = re.match(pattern, argv[i], re.S)
+        target = component if match else rest
+        target.append(argv[i])
+        if match and match.group(2) is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            target.append(argv[i + 1])
+            i += 1
+        i += 1
+    return component, rest
+
+
 def absl_flags_parser(argv: Sequence[str]) -> list[str]:
     """``flags_parser`` for ``absl.app.run``: parses ``argv`` into ``absl.flags.FLAGS``; any error is one line.
 
     Checks the ``--config`` file exists before ml_collections loads it (its own error would only
-    surface when the config is first read, after jax is imported).
+    surface when the config is first read, after jax is imported). The overrides of the loss's and
+    the model's fields (:data:`COMPONENT_SECTIONS`) are applied after the others, in order, by
+    :func:`apply_overrides`, which may add a field: ``--config.loss.name=focal --config.loss.gamma=1.5``
+    sets a field of the loss that the config file does not have (whether the named loss takes it is
+    checked with the config, once ``--import_modules`` are imported).
     """
     from absl import flags
 
     argv = list(argv)
     spec = config_flag_value(argv[1:])
+    component, rest = split_component_overrides(argv[1:])
     try:
         if spec is not None:
             check_config_file(spec)
-        return flags.FLAGS(argv)
+        saved_argv, sys.argv = sys.argv, [argv[0], *rest]  # config_flags defines its override flags from sys.argv
+        try:
+            remaining = flags.FLAGS([argv[0], *rest])
+        finally:
+            sys.argv = saved_argv
+        if component:
+            overrides, _ = split_overrides(component)
+            config = flags.FLAGS["config"].value
+            with config.unlocked():
+                apply_overrides(config, overrides, new_fields_in=COMPONENT_SECTIONS)
+        return remaining
     except UsageError as error:
         fail(error)
     except flags.Error as error:

@@ -1,25 +1,31 @@
 """Validation of every numeric config field before any work starts.
 
-``check_config(config)`` walks the config and checks each numeric leaf (int, float, and the
-entries of numeric tuples such as ``model.hidden_sizes``) against :data:`RULES`, keyed by its
-dotted path. A value outside its range raises one ``ValueError`` that names the field, its value
-and the valid range, e.g.::
+``check_config(config, components=...)`` walks the config and checks each numeric leaf (int, float,
+and the entries of numeric tuples such as ``model.hidden_sizes``) against its rule: :data:`RULES`
+(the base config's fields, keyed by dotted path) or, in the section of a registered component that
+the config names (:class:`Component`: the loss, the model, the dataset), the ranges declared when it
+was registered; a field that the component takes without a declared range may be any finite number.
+A value outside its range raises one ``ValueError`` that names the field, its value and the valid
+range, e.g.::
 
     config.optim.base_lr = -1 is out of range: must be > 0 (the peak learning rate per 256 examples).
 
-A numeric field without a rule is an error too (add the rule here when adding a field), so no
-number reaches the trainer unchecked; code that takes such a value outside a config checks it with
-:func:`check_field` against the same rule. ``None`` means "off" wherever a rule allows it. Relations
-between fields (warm-up shorter than training, ``min_lr <= base_lr``) are checked after the
-per-field ranges.
+A field that the named component does not take (a typo) is one line that lists those it takes. A
+numeric field without a rule is an error too, so no number reaches the trainer unchecked; code that
+takes such a value outside a config checks it with :func:`check_field` against the same rule.
+``None`` means "off" wherever a rule allows it. Relations between fields (warm-up shorter than
+training, ``min_lr <= base_lr``) are checked after the per-field ranges.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
+
+from softnce.registry import REQUIRED
 
 if TYPE_CHECKING:  # the rules need no ml_collections: softnce.targets (light core) checks MixConfig here
     import ml_collections
@@ -54,7 +60,9 @@ class Range:
 
     def describe(self) -> str:
         kind = "an integer" if self.integer else "a number"
-        if self.high == math.inf:
+        if self.high == math.inf and self.low == -math.inf:
+            bound = "(finite)"
+        elif self.high == math.inf:
             bound = f"{'>' if self.low_open else '>='} {_fmt(self.low)}"
         elif self.low == -math.inf:
             bound = f"{'<' if self.high_open else '<='} {_fmt(self.high)}"
@@ -123,13 +131,8 @@ RULES: dict[str, Range] = {
     "data.num_classes": count(1, "classes of a dataset read from files (None = from the files)", allow_none=True),
     "data.tuple_size": count(1, "Fashion-MNIST images per tuple, k: C = 10^k classes", high=3),
     "data.pool_size": count(1, "side of the average-pooling window of each 28x28 image; 1 = none", high=28),
-    # Model.
-    "model.hidden_sizes": count(1, "units per hidden layer"),
-    "model.channels": count(1, "channels of each convolutional stage (small_cnn)"),
-    "model.convs_per_stage": count(1, "3x3 convolutions per stage, the first strided (small_cnn)"),
-    "model.hidden": count(1, "width of the hidden dense layer (small_cnn)"),
-    "model.dropout_rate": fraction_below_one("dropout probability"),
-    "model.drop_path_rate": fraction_below_one("stochastic depth rate of the last block"),
+    # The model's fields are its factory's keyword arguments, with the ranges of its registration
+    # (softnce.models), and so are the teacher model's (distill.teacher_model).
     # Loss.
     "loss.temperature": positive("the loss temperature t in z / t"),
     "loss.prior_smoothing": non_negative("pseudo-count added to every class for the noise prior"),
@@ -141,7 +144,7 @@ RULES: dict[str, Range] = {
     "augment.mix_prob": probability("probability that a batch is mixed"),
     "augment.switch_prob": probability("probability of CutMix instead of MixUp"),
     "augment.cutmix_minmax": probability("CutMix box side fractions (lo, hi) of H and W; None = off", allow_none=True),
-    # Knowledge distillation (softnce.distill); the teacher model's own fields follow the model.* rules.
+    # Knowledge distillation (softnce.distill).
     "distill.teacher_step": count(0, "the teacher's checkpoint step (None = its latest)", allow_none=True),
     "distill.tau": positive("the teacher temperature tau in softmax(z_teacher / tau)"),
     "distill.beta": probability("weight of the teacher's distribution in the targets"),
@@ -157,34 +160,66 @@ RULES: dict[str, Range] = {
 }
 
 
-# Sections whose numeric fields follow the rules of another section: the teacher's model config
-# (config.distill.teacher_model) is a model config like config.model.
-RULE_ALIASES: dict[str, str] = {"distill.teacher_model.": "model."}
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """The registered component that a config section names, and the fields it takes.
+
+    ``section``: the section's dotted path (``'loss'``, ``'model'``, ``'distill.teacher_model'``, ``'data'``);
+    ``kind`` and ``name``: the registry and the entry (``'loss'``, ``'focal'``); ``fields``: ``{field: default}``
+    that the component takes (:meth:`softnce.registry.Registry.fields`), ``None`` when not known (a dataset
+    reads its whole section); ``ranges``: ``{field: Range}`` declared at registration; ``shared``: the fields
+    of the section that the base config gives every component of the kind (``loss.temperature``), with
+    their rules in :data:`RULES`.
+    """
+
+    section: str
+    kind: str
+    name: str
+    fields: Optional[Mapping[str, Any]]
+    ranges: Mapping[str, Range]
+    shared: tuple[str, ...] = ("name",)
+
+    def owns(self, path: str) -> Optional[str]:
+        """The field of ``path`` when it lies directly in this section (``'loss.gamma'`` -> ``'gamma'``)."""
+        head, _, key = path.rpartition(".")
+        return key if head == self.section and key not in self.shared else None
+
+    def takes(self) -> list[str]:
+        """The fields it takes, sorted: its own and the shared ones."""
+        return sorted({*self.shared, *(self.fields or {}), *self.ranges})
 
 
-def rule_for(path: str, rules: Optional[dict[str, Range]] = None) -> Optional[Range]:
-    """The rule of ``path`` in ``rules`` (:data:`RULES`), through :data:`RULE_ALIASES`; ``None`` if it has none."""
-    rules = RULES if rules is None else rules
-    if path in rules:
-        return rules[path]
-    for prefix, target in RULE_ALIASES.items():
-        if path.startswith(prefix):
-            return rules.get(target + path[len(prefix):])
-    return None
+def _rule(path: str, rules: Mapping[str, Range], components: Sequence[Component]) -> Optional[Range]:
+    """The rule of ``path``: a component's declared range, else :data:`RULES`, else any finite number for a
+    field that the component takes; ``None`` if it has none."""
+    for component in components:
+        key = component.owns(path)
+        if key is None:
+            continue
+        if key in component.ranges:
+            return component.ranges[key]
+        if path in rules:
+            return rules[path]
+        if component.fields is not None and key in component.fields:
+            return Range(meaning=f"a field of {component.kind} {component.name!r}")
+        return None
+    return rules.get(path)
 
 
-def numeric_leaves(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``(dotted path, value)`` of every numeric leaf (and every entry of a numeric tuple/list)."""
+def numeric_leaves(config: Any, prefix: str = "", has_rule: Callable[[str], bool] = lambda path: False
+                   ) -> Iterator[tuple[str, Any]]:
+    """``(dotted path, value)`` of every numeric leaf (and every entry of a numeric tuple/list), and of each
+    ``None`` leaf for which ``has_rule(path)``."""
     items = config.items() if _is_mapping(config) else ()
     for key, value in items:
         path = f"{prefix}{key}"
         if _is_mapping(value):
-            yield from numeric_leaves(value, path + ".")
+            yield from numeric_leaves(value, path + ".", has_rule)
         elif isinstance(value, (tuple, list)):
             for entry in value:
                 if _is_number(entry):
                     yield path, entry
-        elif _is_number(value) or (value is None and rule_for(path) is not None):
+        elif _is_number(value) or (value is None and has_rule(path)):
             yield path, value
 
 
@@ -197,20 +232,52 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_config(config: ml_collections.ConfigDict, rules: Optional[dict[str, Range]] = None) -> None:
-    """Raises :class:`ConfigError` (one line) at the first numeric field outside its valid range."""
-    rules = RULES if rules is None else rules
-    for path, value in numeric_leaves(config):
-        rule = rule_for(path, rules)
-        if rule is None:
+def section_of(config: Any, path: str) -> Any:
+    """``config``'s section at the dotted ``path`` (``'distill.teacher_model'``), or ``None`` if it has none."""
+    for key in path.split("."):
+        config = config.get(key) if _is_mapping(config) else None
+    return config
+
+
+def _check_component_fields(config: Any, component: Component) -> None:
+    """Every field in ``component``'s section is one it takes (when its fields are known)."""
+    section = section_of(config, component.section)
+    if component.fields is None or not _is_mapping(section):
+        return
+    for key in section.keys():
+        if key not in component.shared and key not in component.fields and key not in component.ranges:
+            close = difflib.get_close_matches(key, component.takes(), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
-                f"config.{path} = {value!r} has no validity rule; add one to softnce.config_checks.RULES."
+                f"config.{component.section}.{key}: {component.kind} {component.name!r} takes no field {key!r}"
+                f"{hint}; its fields: {', '.join(component.takes())}."
             )
+    missing = [k for k, default in component.fields.items() if default is REQUIRED and k not in section]
+    if missing:
+        raise ConfigError(f"config.{component.section} needs {', '.join(missing)}: {component.kind} "
+                          f"{component.name!r} takes {'it' if len(missing) == 1 else 'them'} without a default.")
+
+
+def check_config(config: ml_collections.ConfigDict, rules: Optional[Mapping[str, Range]] = None,
+                 components: Sequence[Component] = ()) -> None:
+    """Raises :class:`ConfigError` (one line) at the first field that the named ``components`` do not take or
+    the first numeric field outside its valid range (:data:`RULES` and the components' declared ranges)."""
+    rules = RULES if rules is None else rules
+    for component in components:
+        _check_component_fields(config, component)
+    for path, value in numeric_leaves(config, has_rule=lambda path: _rule(path, rules, components) is not None):
+        rule = _rule(path, rules, components)
+        if rule is None:
+            owner = next((c for c in components if c.owns(path)), None)
+            where = (f"declare its range when registering {owner.kind} {owner.name!r} "
+                     f"(register_{owner.kind}(..., ranges={{{path.rpartition('.')[2]!r}: ...}}))"
+                     if owner is not None else "add one to softnce.config_checks.RULES")
+            raise ConfigError(f"config.{path} = {value!r} has no validity rule; {where}.")
         check_field(path, value, {path: rule})
     _check_relations(config)
 
 
-def check_field(path: str, value: Any, rules: Optional[dict[str, Range]] = None) -> None:
+def check_field(path: str, value: Any, rules: Optional[Mapping[str, Range]] = None) -> None:
     """Raises :class:`ConfigError` unless ``value`` is in the range of ``rules[path]`` (:data:`RULES`).
 
     The one check of a field: code that takes the value outside a config (``MixConfig``,

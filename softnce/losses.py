@@ -27,7 +27,8 @@ that is not a distribution passes). :func:`debug_checks` (off by default) makes 
 ``jax.experimental.checkify`` checks that name the offending row; :func:`checked` runs a function with them.
 
 Adding a loss to the trainer is one pure function plus one :func:`register_loss` entry; the
-registered function has the signature ``fn(logits, inputs: LossInputs) -> [N]``. Every entry of the
+registered function has the signature ``fn(logits, inputs: LossInputs, *, **fields) -> [N]``, its
+keyword-only parameters being its config fields (``config.loss.<field>``). Every entry of the
 package is a thin adapter that passes ``inputs`` to the public function of the same meaning.
 """
 
@@ -43,7 +44,7 @@ import numpy as np
 import optax
 from jax.experimental import checkify
 
-from softnce.registry import Registry
+from softnce.registry import Registry, keyword_fields
 from softnce.targets import StructuredTargets
 
 Array = jax.Array
@@ -759,6 +760,10 @@ class LossInputs(NamedTuple):
 
 LossFn = Callable[[Array, LossInputs], Array]
 
+SHARED_FIELDS = ("name", "temperature", "noise_prior", "prior_smoothing", "noise_probs")
+"""The fields of ``config.loss`` that every loss has (read by the trainer: the temperature and the noise
+distribution reach a loss through :class:`LossInputs`)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
@@ -768,21 +773,35 @@ class LossSpec:
     fn: LossFn
     uses_noise_prior: bool
 
+    @property
+    def fields(self) -> dict:
+        """``{field: default}`` of the loss's keyword-only parameters: its fields ``config.loss.<field>``."""
+        return keyword_fields(self.fn, positional=2, keyword_only=True)
 
-LOSSES: Registry[LossSpec] = Registry("loss", "losses")
+    def bind(self, loss_config) -> LossFn:
+        """``fn(logits, inputs)`` with the loss's fields set from ``loss_config`` (``config.loss``; a field
+        it does not set keeps the parameter's default)."""
+        values = {field: loss_config[field] for field in self.fields if field in loss_config}
+        return functools.partial(self.fn, **values) if values else self.fn
 
 
-def register_loss(
-    name: str, fn: Optional[LossFn] = None, *, uses_noise_prior: bool = False, overwrite: bool = False
-):
-    """Registers ``fn(logits, inputs: LossInputs) -> [N]`` as ``config.loss.name = name``.
+LOSSES: Registry[LossSpec] = Registry("loss", "losses", fields_of=lambda spec: spec.fields)
+
+
+def register_loss(name: str, fn: Optional[LossFn] = None, *, uses_noise_prior: bool = False,
+                  ranges: Optional[dict] = None, overwrite: bool = False):
+    """Registers ``fn(logits, inputs: LossInputs, *, **fields) -> [N]`` as ``config.loss.name = name``.
 
     Returns ``fn``; without it, a decorator. ``uses_noise_prior``: the trainer computes ``log(eta)``
-    for it (``inputs.log_noise_probs``). A taken name is an error unless ``overwrite``.
+    for it (``inputs.log_noise_probs``). The keyword-only parameters of ``fn`` are the loss's config
+    fields (``def focal(logits, inputs, *, gamma=2.0)``: ``config.loss.gamma``, or
+    ``--config.loss.gamma=1.5`` once the loss is named); ``ranges`` ``{field: softnce.config_checks.Range}``
+    declares their valid values (without, any finite number). A taken name is an error unless ``overwrite``.
     """
 
     def register(fn: LossFn) -> LossFn:
-        LOSSES.register(name, LossSpec(name=name, fn=fn, uses_noise_prior=uses_noise_prior), overwrite=overwrite)
+        LOSSES.register(name, LossSpec(name=name, fn=fn, uses_noise_prior=uses_noise_prior), overwrite=overwrite,
+                        ranges=ranges)
         return fn
 
     return register if fn is None else register(fn)

@@ -268,18 +268,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     Unknown names list the valid choices; numbers outside their range name the field, the value
     and the range (:mod:`softnce.config_checks`).
     """
-    for registry, name in ((losses.LOSSES, config.loss.name), (DATASETS, config.data.name),
-                           (models.MODELS, config.model.name)):
-        try:
-            registry.get(name)
-        except ValueError as error:
-            raise config_checks.ConfigError(str(error)) from None
+    components = config_components(config)
     if config.loss.noise_prior not in NOISE_PRIORS:
         raise config_checks.ConfigError(
             f"config.loss.noise_prior must be one of {', '.join(map(repr, NOISE_PRIORS))} ('explicit' with "
             f"config.loss.noise_probs), got {config.loss.noise_prior!r}."
         )
-    config_checks.check_config(config)
+    config_checks.check_config(config, components=components)
     try:
         targets.MixConfig.from_config(config.augment)
     except ValueError as error:
@@ -291,6 +286,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"class) go together; got noise_prior={config.loss.noise_prior!r}, noise_probs={noise_probs!r}."
         )
     distill.check_config(config, files=False)  # the teacher's files: when training starts (set_up)
+
+
+def config_components(config: ml_collections.ConfigDict) -> list[config_checks.Component]:
+    """The registered components that ``config`` names, with the fields they take
+    (:class:`softnce.config_checks.Component`): the loss, the dataset, the model and a registered teacher
+    model. An unknown name raises :class:`~softnce.config_checks.ConfigError` listing the valid ones."""
+    sections = [("loss", losses.LOSSES, losses.SHARED_FIELDS), ("data", DATASETS, ("name",)),
+                ("model", models.MODELS, ("name",))]
+    teacher = config.get("distill", {}).get("teacher_model", {})
+    if teacher.get("name") is not None:
+        sections.append(("distill.teacher_model", models.MODELS, ("name",)))
+    components = []
+    for section, registry, shared in sections:
+        found = config_checks.section_of(config, section)
+        name = found.get("name") if found is not None else None
+        if name is None:
+            raise config_checks.ConfigError(f"config.{section}.name is not set; name a {registry.kind}: "
+                                            f"{', '.join(registry.names())}.")
+        try:
+            fields, ranges = registry.fields(name), registry.ranges(name)
+        except ValueError as error:
+            raise config_checks.ConfigError(str(error)) from None
+        components.append(config_checks.Component(section, registry.kind, name, fields, ranges, shared))
+    return components
 
 
 NOISE_PRIORS = ("class_prior", "uniform", "target_mean", "explicit")
@@ -482,7 +501,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
     teacher_kwargs = {} if teacher is None else dict(teacher=teacher.teacher, teacher_params=teacher.params)
     step_fn = make_sharded_train_step(
-        mesh, loss_fn=loss_spec.fn, num_classes=dataset.num_classes, mix_config=mix_config,
+        mesh, loss_fn=loss_spec.bind(config.loss), num_classes=dataset.num_classes, mix_config=mix_config,
         temperature=config.loss.temperature, input_transform=dataset.device_train_transform, **teacher_kwargs,
     )
     eval_fn, logits_fn = make_eval_fns(mesh, model, dataset)

@@ -51,3 +51,24 @@ def register_for_test():
     yield register
     for registry, name in reversed(added):
         registry.unregister(name)
+
+
+@pytest.fixture
+def user_module():
+    """tests/user_registrations.py, imported as ``--import_modules=user_registrations`` would; its entries are
+    removed after the test."""
+    import importlib
+    import sys
+
+    from softnce.data import DATASETS
+    from softnce.losses import LOSSES
+    from softnce.models import MODELS
+
+    module = importlib.import_module("user_registrations")
+    module.CALLS.clear()
+    yield module
+    for registry, names in ((MODELS, ("user_linear", "user_mlp")), (LOSSES, ("user_focal",)),
+                            (DATASETS, ("user_blobs", "user_soft_blobs"))):
+        for name in names:
+            registry.unregister(name)
+    sys.modules.pop("user_registrations")

@@ -55,7 +55,6 @@ MAIN_BEFORE_JAX = [
     (["--config=configs/digits.py:loss"], "must look like key=value"),
     (["--config=configs/digits.py", "--config.modle.name=mlp"], "--config.modle.name: the config has no field 'modle'; "
                                                                  "did you mean 'model'?"),
-    (["--config=configs/digits.py", "--config.model.hiden_sizes=(3,)"], "did you mean 'hidden_sizes'?"),
     (["--config=configs/digits.py", "--config.seed=1.5"], "--config.seed=1.5: invalid literal for int()"),
     (["--config=configs/digits.py", "--nope=1"], "Unknown command line flag 'nope'"),
     (["--config=configs/digits.py", "extra"], "unexpected arguments: extra"),
@@ -75,6 +74,9 @@ def test_main_command_line_errors_come_before_jax(args, message, tmp_path, cli_e
 
 @pytest.mark.parametrize("args, message", [
     (["--config.loss.name=softmax"], "unknown loss 'softmax'; valid losses:"),
+    (["--config.model.hiden_sizes=(3,)"],
+     "config.model.hiden_sizes: model 'mlp' takes no field 'hiden_sizes' (did you mean 'hidden_sizes'?); its fields: "
+     "dropout_rate, hidden_sizes, name."),
     (["--config.optim.base_lr=-1"], "config.optim.base_lr = -1.0 is out of range"),
     (["--config.data.batch_size=60", "--num_cpu_devices=8"], "batch_size=60 does not divide over the 8 devices"),
 ])

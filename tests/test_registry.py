@@ -1,6 +1,5 @@
 """One registry pattern for losses, models and datasets (softnce.registry), and users' own entries."""
 
-import importlib
 import subprocess
 import sys
 
@@ -79,18 +78,6 @@ def test_datasets_are_not_imported_until_built():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
-
-
-@pytest.fixture
-def user_module():
-    """The user's module, imported as ``--import_modules=user_registrations`` would; its entries are removed after."""
-    module = importlib.import_module("user_registrations")
-    module.CALLS.clear()
-    yield module
-    MODELS.unregister("user_linear")
-    DATASETS.unregister("user_blobs")
-    DATASETS.unregister("user_soft_blobs")
-    sys.modules.pop("user_registrations")
 
 
 def test_a_user_model_and_dataset_train_without_touching_the_package(tmp_path, user_module):

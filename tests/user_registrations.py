@@ -1,17 +1,23 @@
-"""A user's module outside the package: registers its own model and dataset (tests/test_registry.py).
+"""A user's module outside the package: registers its own loss, models and datasets (tests/test_registry.py,
+tests/test_component_fields.py).
 
 It is what ``python -m softnce.main --import_modules=user_registrations`` would import: importing it
-makes ``config.model.name = 'user_linear'`` and ``config.data.name = 'user_blobs'`` (and
-``'user_soft_blobs'``, the blobs with soft targets given with the data) valid.
+makes ``config.loss.name = 'user_focal'`` (with its field ``config.loss.gamma``), ``config.model.name =
+'user_linear'`` and ``'user_mlp'`` (with its field ``config.model.width``) and ``config.data.name =
+'user_blobs'`` (and ``'user_soft_blobs'``, the blobs with soft targets given with the data) valid.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from softnce import config_checks
 from softnce.data import register_dataset
 from softnce.data.arrays import ArrayDataset, carve_validation, held_out_mask
+from softnce.losses import LossInputs, register_loss
 from softnce.models import register_model
 
 NUM_CLASSES = 4
@@ -34,6 +40,34 @@ class LinearClassifier(nn.Module):
 def user_linear(num_classes: int, **fields) -> nn.Module:
     CALLS.append(("user_linear", dict(fields, num_classes=num_classes)))
     return LinearClassifier(num_classes=num_classes)
+
+
+class WideMLP(nn.Module):
+    """``x [B, ...] -> Dense(width) -> relu -> Dense(num_classes)``."""
+
+    num_classes: int
+    width: int = 64
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        del train
+        x = nn.relu(nn.Dense(self.width, name="hidden")(x.reshape(x.shape[0], -1)))
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+# The factory's keyword argument width is the model's field config.model.width; its range is declared here.
+register_model("user_mlp", WideMLP, ranges={"width": config_checks.count(1, "units of the hidden layer")})
+
+
+@register_loss("user_focal", ranges={"gamma": config_checks.non_negative("the focusing exponent")})
+def focal_loss(logits, inputs: LossInputs, *, gamma: float = 2.0):
+    """Soft-target focal loss ``-sum_c a_c (1 - p_c)^gamma log p_c``, ``p = softmax(z / t)``; ``[N]``.
+
+    ``gamma`` is the loss's field ``config.loss.gamma`` (``gamma = 0``: soft-target cross-entropy).
+    """
+    log_p = jax.nn.log_softmax(logits / inputs.temperature, axis=-1)
+    loss = -jnp.sum(inputs.targets * (1.0 - jnp.exp(log_p)) ** gamma * log_p, axis=-1)
+    return loss if inputs.where is None else jnp.where(inputs.where, loss, 0.0)
 
 
 def blobs(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -54,7 +54,7 @@ def make_train_fn(config, num_classes: int, example_shape: tuple[int, ...]) -> C
         config.optim, abstract_params, global_batch=config.data.batch_size, total_steps=num_steps
     )
     step = functools.partial(
-        train.train_step, loss_fn=losses.get_loss(config.loss.name).fn, num_classes=num_classes,
+        train.train_step, loss_fn=losses.get_loss(config.loss.name).bind(config.loss), num_classes=num_classes,
         mix_config=targets.MixConfig.from_config(config.augment), temperature=config.loss.temperature,
         axis_name=None,
     )

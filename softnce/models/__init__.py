@@ -2,9 +2,11 @@
 
 Every model maps ``inputs [B, ...] -> logits [B, num_classes]`` and takes ``train: bool``. A model is
 registered as a factory ``factory(num_classes, **fields) -> nn.Module``; a user's module adds one
-with ``register_model(name, factory, *, overwrite=False)`` or ``@register_model(name)``
+with ``register_model(name, factory, *, ranges=None, overwrite=False)`` or ``@register_model(name)``
 (:meth:`softnce.registry.Registry.register` of :data:`MODELS`) and is imported with
-``python -m softnce.main --import_modules=...``. A model
+``python -m softnce.main --import_modules=...``. The factory's keyword arguments are the model's
+config fields (``config.model.<field>``; a Linen module class: its attributes), ``ranges`` their valid
+values (:mod:`softnce.config_checks`). A model
 that supports layer-wise learning-rate decay says so with a ``layer_structure()`` method
 (:class:`softnce.optim.LayerStructure`).
 """
@@ -22,18 +24,28 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from softnce.registry import Registry, lazy
+from softnce.config_checks import count, fraction_below_one
+from softnce.registry import Registry, keyword_fields, lazy
 
 ModelFactory = Callable[..., nn.Module]
 """``factory(num_classes: int, **config_fields) -> nn.Module``."""
 
-MODELS: Registry[ModelFactory] = Registry("model")
+MODELS: Registry[ModelFactory] = Registry("model", fields_of=lambda factory: keyword_fields(factory, positional=1))
 register_model = MODELS.register
 
-register_model("mlp", lazy("softnce.models.mlp:MLP"))
-register_model("small_cnn", lazy("softnce.models.cnn:SmallCNN"))
-register_model("vit_b16", lazy("softnce.models.vit:vit_b16"))
-register_model("vit_tiny", lazy("softnce.models.vit:vit_tiny"))
+_DROPOUT = {"dropout_rate": fraction_below_one("dropout probability")}
+_VIT = {"drop_path_rate": fraction_below_one("stochastic depth rate of the last block"),
+        **{field: count(1, meaning) for field, meaning in (
+            ("patch_size", "side of a square patch in pixels"), ("hidden_size", "width D of the tokens"),
+            ("depth", "transformer blocks"), ("num_heads", "attention heads"),
+            ("mlp_dim", "hidden units of the MLPs"))}}
+register_model("mlp", lazy("softnce.models.mlp:MLP"), ranges={"hidden_sizes": count(1, "units per hidden layer"),
+                                                              **_DROPOUT})
+register_model("small_cnn", lazy("softnce.models.cnn:SmallCNN"), ranges={
+    "channels": count(1, "channels of each convolutional stage"), "hidden": count(1, "width of the hidden dense layer"),
+    "convs_per_stage": count(1, "3x3 convolutions per stage, the first strided"), **_DROPOUT})
+register_model("vit_b16", lazy("softnce.models.vit:vit_b16"), ranges=_VIT)
+register_model("vit_tiny", lazy("softnce.models.vit:vit_tiny"), ranges=_VIT)
 
 
 def get_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:

@@ -1,0 +1,182 @@
+"""Components declare their own config fields (softnce.config_checks.Component): a loss's keyword-only
+parameters and a model factory's keyword arguments are fields ``config.loss.<field>`` and
+``config.model.<field>``, with the ranges declared where they are registered. The user's module is
+tests/user_registrations.py (a focal loss with ``gamma``, an MLP with ``width``), outside the package."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from test_reliability import bad_values
+from test_train import REPO, latest_params, small_config
+
+from softnce import config_checks, losses, models, train
+from softnce.losses import LossInputs
+
+
+def focal_reference(logits, targets, gamma, temperature=1.0):
+    """float64: ``-sum_c a_c (1 - p_c)^gamma log p_c`` with ``p = softmax(z / t)``."""
+    z = np.asarray(logits, np.float64) / temperature
+    log_p = z - z.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    return -(np.asarray(targets, np.float64) * (1 - np.exp(log_p)) ** gamma * log_p).sum(1)
+
+
+def inputs_of(targets):
+    return LossInputs(targets=jnp.asarray(targets, jnp.float32), labels=jnp.argmax(targets, 1),
+                      rng=jax.random.PRNGKey(0))
+
+
+def test_a_loss_field_set_in_the_config_reaches_the_loss(user_module):
+    rng = np.random.default_rng(0)
+    logits, targets = rng.normal(size=(6, 4)) * 2, rng.dirichlet(np.ones(4), size=6)
+    spec = losses.get_loss("user_focal")
+    assert spec.fields == {"gamma": 2.0}
+    config = small_config(**{"loss.name": "user_focal"})
+    train.validate_config(config)  # gamma unset: the parameter's default
+    np.testing.assert_allclose(spec.bind(config.loss)(jnp.asarray(logits, jnp.float32), inputs_of(targets)),
+                               focal_reference(logits, targets, 2.0), rtol=1e-5)
+    config.loss.gamma = 1.5
+    train.validate_config(config)
+    bound = spec.bind(config.loss)(jnp.asarray(logits, jnp.float32), inputs_of(targets))
+    np.testing.assert_allclose(bound, focal_reference(logits, targets, 1.5), rtol=1e-5)
+    assert not np.allclose(bound, focal_reference(logits, targets, 2.0), rtol=1e-3)
+
+
+def test_the_field_reaches_the_train_step(tmp_path, user_module):
+    """Focal with gamma = 0 is soft-target CE: the same run to the last digit; gamma = 2 is another run."""
+    def run(name, **fields):
+        config = small_config(**{"loss.name": name, "loss.noise_prior": "uniform"})
+        for field, value in fields.items():
+            config.loss[field] = value
+        workdir = str(tmp_path / f"{name}{fields}")
+        train.train_and_evaluate(config, workdir)
+        return jax.tree.leaves(latest_params(workdir)[1])
+
+    soft_ce, focal_0, focal_2 = run("soft_target_cross_entropy"), run("user_focal", gamma=0.0), run("user_focal")
+    for a, b, c in zip(soft_ce, focal_0, focal_2):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+    assert max(float(np.abs(a - c).max()) for a, c in zip(soft_ce, focal_2)) > 1e-3
+
+
+def message_of(config) -> str:
+    with pytest.raises(config_checks.ConfigError) as error:
+        train.validate_config(config)
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_field_the_named_component_does_not_take_lists_those_it_takes(user_module):
+    config = small_config(**{"loss.name": "user_focal"})
+    config.loss.gama = 1.5
+    assert message_of(config) == (
+        "config.loss.gama: loss 'user_focal' takes no field 'gama' (did you mean 'gamma'?); its fields: gamma, name, "
+        "noise_prior, noise_probs, prior_smoothing, temperature.")
+    config = small_config()
+    config.loss.gamma = 1.5  # STI takes no gamma
+    assert message_of(config).startswith("config.loss.gamma: loss 'soft_target_infonce' takes no field 'gamma'; "
+                                         "its fields: name, noise_prior")
+    config = small_config()
+    config.model.channels = (8,)  # a small_cnn field on the MLP
+    assert message_of(config) == ("config.model.channels: model 'mlp' takes no field 'channels'; its fields: "
+                                  "dropout_rate, hidden_sizes, name.")
+
+
+def test_declared_ranges_and_undeclared_fields(user_module, register_for_test):
+    config = small_config(**{"loss.name": "user_focal"})
+    config.loss.gamma = -0.5
+    assert message_of(config) == ("config.loss.gamma = -0.5 is out of range: must be a number >= 0 "
+                                  "(the focusing exponent).")
+    config = small_config()
+    config.model = ml_collections.ConfigDict(dict(name="user_mlp", width=0))
+    assert message_of(config) == ("config.model.width = 0 is out of range: must be an integer >= 1 "
+                                  "(units of the hidden layer).")
+    config.model.width = 48
+    train.validate_config(config)
+    assert models.get_model(config.model, 3).width == 48
+
+    def margin_loss(logits, inputs, *, margin, scale=1.0):  # no ranges declared; margin has no default
+        return scale * jnp.maximum(0.0, margin - jnp.sum(logits * inputs.targets, -1))
+
+    register_for_test(losses.LOSSES, "margin", losses.LossSpec("margin", margin_loss, uses_noise_prior=False))
+    config = small_config(**{"loss.name": "margin"})
+    assert message_of(config) == ("config.loss needs margin: loss 'margin' takes it without a default.")
+    config.loss.margin = 0.3
+    train.validate_config(config)  # any finite number
+    config.loss.scale = math.inf
+    assert message_of(config) == ("config.loss.scale = inf is out of range: must be a number (finite) "
+                                  "(a field of loss 'margin').")
+
+
+MODEL_CASES = [(name, field, value) for name in models.MODELS.names()
+               for field, rule in models.MODELS.ranges(name).items() for value in bad_values(rule)]
+
+
+@pytest.mark.parametrize("name, field, value", MODEL_CASES, ids=[f"{n}.{f}={v}" for n, f, v in MODEL_CASES])
+def test_every_declared_model_range_names_the_field_value_and_range(name, field, value):
+    config = ml_collections.ConfigDict(small_config().to_dict(), type_safe=False)
+    config.model = ml_collections.ConfigDict({"name": name, field: value}, type_safe=False)
+    message = message_of(config)
+    assert message.startswith(f"config.model.{field} = ") and " is out of range: must be " in message, message
+
+
+def test_the_teacher_model_is_checked_like_the_model():
+    config = small_config()
+    config.distill.teacher_model = ml_collections.ConfigDict(dict(name="mlp", hidden_sizes=(0,)))
+    assert message_of(config).startswith("config.distill.teacher_model.hidden_sizes = 0 is out of range")
+
+
+USER_CONFIG = '''
+import ml_collections
+from softnce.configs import digits
+
+def get_config():
+    config = digits.get_config("steps=8")
+    config.loss.name = "user_focal"
+    config.loss.gamma = 1.0
+    config.model = ml_collections.ConfigDict(dict(name="user_mlp", width=16))
+    config.data.batch_size = 64
+    config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 8
+    config.optim.warmup_steps = 2
+    return config
+'''
+
+
+def main_command(tmp_path, *args):
+    (tmp_path / "user_config.py").write_text(USER_CONFIG)
+    return [sys.executable, "-m", "softnce.main", "--import_modules=user_registrations",
+            f"--config={tmp_path / 'user_config.py'}", *args, "--num_cpu_devices=2", f"--workdir={tmp_path / 'run'}"]
+
+
+def test_fields_set_on_the_command_line_reach_the_run(tmp_path, cli_env):
+    env = dict(cli_env, PYTHONPATH=os.path.join(REPO, "tests"))
+    cmd = main_command(tmp_path, "--config.loss.gamma=1.5", "--config.model.width", "24")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    saved = json.load(open(tmp_path / "run" / "config.json"))
+    assert saved["loss"]["gamma"] == 1.5 and saved["model"] == {"name": "user_mlp", "width": 24}
+    assert np.isfinite(json.load(open(tmp_path / "run" / "metrics.json"))["nll"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.loss.gama=1.5"], "config.loss.gama: loss 'user_focal' takes no field 'gama' (did you mean 'gamma'?)"),
+    (["--config.loss.name=soft_target_infonce"], "config.loss.gamma: loss 'soft_target_infonce' takes no field"),
+    (["--config.model.width=-3"], "config.model.width = -3 is out of range: must be an integer >= 1"),
+    (["--config.loss.temperature=warm"], "--config.loss.temperature=warm: expected a number."),
+])
+def test_command_line_field_errors_are_one_line(args, message, tmp_path, cli_env):
+    env = dict(cli_env, PYTHONPATH=os.path.join(REPO, "tests"))
+    proc = subprocess.run(main_command(tmp_path, *args), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("softnce: error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
