@@ -79,3 +79,33 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+def _map_configs() -> None:
+    """Makes ``softnce.configs`` the top-level ``configs/`` folder wherever ``softnce`` is imported from.
+
+    In a source tree (``softnce/`` beside ``configs/`` and ``setup.py``: a clone, editable or not) it is
+    that ``configs/``, even where a clone's ``softnce/`` imported from its root shadows an installed copy;
+    an installed copy has it inside (``package_dir`` in setup.py). A config file's ``from softnce.configs
+    import base`` then works from an editable install, a regular install and any working directory.
+    """
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = os.path.join(root, "configs")
+    init = os.path.join(folder, "__init__.py")
+    source_tree = os.path.isfile(init) and os.path.isfile(os.path.join(root, "setup.py"))
+    if "softnce.configs" in sys.modules or not source_tree:
+        return
+    spec = importlib.machinery.ModuleSpec("softnce.configs", None, is_package=True)
+    spec.submodule_search_locations = [folder]  # what package_dir does: its modules are found there
+    module = importlib.util.module_from_spec(spec)
+    module.__doc__ = "The launchable configs (``--config configs/<name>.py``): the clone's configs/ folder."
+    sys.modules["softnce.configs"] = module
+    globals()["configs"] = module  # as the import system sets a loaded submodule on its parent
+
+
+_map_configs()
