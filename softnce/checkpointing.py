@@ -105,21 +105,29 @@ def saved_metadata(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
     return custom.get(METADATA_KEY)
 
 
-def restore_params_only(directory: str | os.PathLike, step: int, abstract_params: Any) -> Any:
-    """Only the ``params`` of the trainer checkpoint ``step`` in ``directory``, into ``abstract_params``.
+def _split_variables(variables: dict) -> dict:
+    """A model's variables ``{'params', **model_state}`` as the train state stores them: ``{'params',
+    'model_state'}`` (``model_state`` only when the model has state)."""
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return {"params": variables["params"], **({"model_state": model_state} if model_state else {})}
 
-    ``abstract_params`` is the params' ``jax.eval_shape`` with the wanted shardings (e.g. replicated
+
+def restore_variables_only(directory: str | os.PathLike, step: int, abstract_variables: dict) -> dict:
+    """Only the model's variables (``params`` and its state, e.g. ``batch_stats``) of the trainer checkpoint
+    ``step`` in ``directory``, into ``abstract_variables``.
+
+    ``abstract_variables`` is the variables' ``jax.eval_shape`` with the wanted shardings (e.g. replicated
     over a mesh of any size, or one device): the optimiser state is not read, and the checkpoint may
     come from any device or process count.
     """
     item = step_dir(directory, step) / "default"
-    target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)}
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _split_variables(abstract_variables))
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         restored = checkpointer.restore(
             item, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
         )
-    return restored["params"]
+    return {"params": restored["params"], **restored.get("model_state", {})}
 
 
 def restore(manager: ocp.CheckpointManager, target: Any, step: Optional[int] = None,
@@ -229,8 +237,9 @@ def restore_on_this_host(manager: ocp.CheckpointManager, step: Optional[int] = N
     return manager.restore(step, args=ocp.args.StandardRestore(fallback_sharding=device))
 
 
-def restore_params(path: str | os.PathLike, target_params: Any) -> Any:
-    """Loads only the ``params`` of the latest step in a trainer checkpoint directory (``.../checkpoints``).
+def restore_variables(path: str | os.PathLike, target_variables: dict) -> dict:
+    """Loads only the model's variables (``params`` and its state) of the latest step in a trainer checkpoint
+    directory (``.../checkpoints``), as ``target_variables``' shapes and dtypes.
 
     Used to start a new run from an earlier run's weights (``config.init.checkpoint``).
     """
@@ -242,5 +251,6 @@ def restore_params(path: str | os.PathLike, target_params: Any) -> Any:
             f"config.init.checkpoint='{path}' holds no finished checkpoint; give the 'checkpoints' "
             "directory inside an earlier run's workdir."
         )
-    params = restore_on_this_host(manager, step)["params"]
-    return jax.tree.map(lambda t, x: jax.numpy.asarray(x, t.dtype).reshape(t.shape), target_params, params)
+    saved = restore_on_this_host(manager, step)
+    variables = {"params": saved["params"], **(saved.get("model_state") or {})}
+    return jax.tree.map(lambda t, x: jax.numpy.asarray(x, t.dtype).reshape(t.shape), target_variables, variables)

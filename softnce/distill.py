@@ -60,6 +60,7 @@ from softnce import checkpoint_metadata, checkpointing, models
 from softnce.config_checks import ConfigError
 
 Params = Any
+Variables = dict  # {'params': params, **model_state}
 
 # Losses that read only the hard labels (softnce.losses): a teacher does not change what they train on.
 LABEL_ONLY_LOSSES = ("nll", "infonce", "soft_distribution_infonce_premix")
@@ -71,7 +72,7 @@ class Teacher:
     """A frozen teacher: its Flax module and how its distribution enters the targets.
 
     Attributes:
-      model: ``model.apply({'params': p}, x, train=False) -> logits [N, C]``.
+      model: ``model.apply(variables, x, train=False) -> logits [N, C]``.
       tau: the teacher temperature of ``softmax(z / tau)``.
       beta: the weight of the teacher's distribution against the recipe's targets.
       description: where it came from (printed when training starts).
@@ -82,25 +83,26 @@ class Teacher:
     beta: float = 1.0
     description: str = ""
 
-    def probs(self, params: Params, inputs: jax.Array) -> jax.Array:
+    def probs(self, variables: Variables, inputs: jax.Array) -> jax.Array:
         """``softmax(z_teacher / tau)`` float32 ``[N, C]`` on ``inputs`` (evaluation mode, no gradient)."""
-        params = jax.lax.stop_gradient(params)
-        logits = self.model.apply({"params": params}, inputs, train=False)
+        variables = jax.lax.stop_gradient(variables)
+        logits = self.model.apply(variables, inputs, train=False)
         return jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32) / self.tau, axis=-1)
 
-    def targets(self, params: Params, inputs: jax.Array, recipe_targets: jax.Array) -> jax.Array:
+    def targets(self, variables: Variables, inputs: jax.Array, recipe_targets: jax.Array) -> jax.Array:
         """``(1 - beta) recipe_targets + beta softmax(z_teacher(inputs) / tau)``, float32 ``[N, C]``."""
-        probs = self.probs(params, inputs)
+        probs = self.probs(variables, inputs)
         if self.beta == 1.0:
             return probs
         return (1.0 - self.beta) * recipe_targets.astype(jnp.float32) + self.beta * probs
 
 
 class LoadedTeacher(NamedTuple):
-    """:func:`load_teacher`'s result: the :class:`Teacher` and its parameters (host numpy arrays)."""
+    """:func:`load_teacher`'s result: the :class:`Teacher` and its variables (``{'params', **model_state}``, host
+    numpy arrays)."""
 
     teacher: Teacher
-    params: Params
+    variables: Variables
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,19 +253,19 @@ def _input_description(shape, dtype, transform) -> str:
     return text
 
 
-def _abstract_params(model, example_shape, what: str) -> Params:
+def _abstract_variables(model, example_shape, what: str) -> Variables:
     from softnce import inference
 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
-        return inference.abstract_params(model, example_shape, device)
+        return inference.abstract_variables(model, example_shape, device)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{what}: the teacher model does not take inputs of shape {tuple(example_shape)}: "
                           f"{' '.join(str(error).split())}") from None
 
 
-def _from_workdir(config: ml_collections.ConfigDict, dataset) -> tuple[Any, Params, str]:
-    """The teacher model and parameters of a softnce run, checked against ``dataset``."""
+def _from_workdir(config: ml_collections.ConfigDict, dataset) -> tuple[Any, Variables, str]:
+    """The teacher model and variables of a softnce run, checked against ``dataset``."""
     from softnce import inference
 
     distill = config.distill
@@ -292,20 +294,24 @@ def _from_workdir(config: ml_collections.ConfigDict, dataset) -> tuple[Any, Para
         )
     run_config = checkpoint_metadata.to_config(metadata["config"])
     model = models.get_model(teacher_model_config(run_config.model, config), dataset.num_classes)
-    abstract = _abstract_params(model, dataset.example_shape, what)
-    params = checkpointing.restore_params_only(ckpt_dir, step, abstract)
+    abstract = _abstract_variables(model, dataset.example_shape, what)
+    variables = checkpointing.restore_variables_only(ckpt_dir, step, abstract)
     description = f"the run {workdir or ckpt_dir}, step {step} ({run_config.model.name}, {run_config.loss.name})"
-    return model, params, description
+    return model, variables, description
 
 
-def _from_params_file(config: ml_collections.ConfigDict, dataset) -> tuple[Any, Params, str]:
+def _from_params_file(config: ml_collections.ConfigDict, dataset) -> tuple[Any, Variables, str]:
     """A registered model with a parameters file, checked against ``dataset``."""
     distill = config.distill
     what = f"config.distill.teacher_params={distill.teacher_params!r}"
     model = models.get_model(teacher_model_config(distill.teacher_model, config), dataset.num_classes)
-    abstract = _abstract_params(model, dataset.example_shape, what)
-    params = load_params(distill.teacher_params, abstract)
-    return model, params, f"{distill.teacher_model.name} with the parameters {distill.teacher_params}"
+    abstract = _abstract_variables(model, dataset.example_shape, what)
+    state = sorted(k for k in abstract if k != "params")
+    if state:
+        raise ConfigError(f"{what}: the teacher model {distill.teacher_model.name!r} keeps state ({', '.join(state)}) "
+                          "that a parameters file does not hold; give its run as config.distill.teacher_workdir.")
+    params = load_params(distill.teacher_params, abstract["params"])
+    return model, {"params": params}, f"{distill.teacher_model.name} with the parameters {distill.teacher_params}"
 
 
 def load_teacher(config: ml_collections.ConfigDict, dataset) -> Optional[LoadedTeacher]:
@@ -318,18 +324,18 @@ def load_teacher(config: ml_collections.ConfigDict, dataset) -> Optional[LoadedT
         return None
     check_config(config)
     if config.distill.get("teacher_workdir"):
-        model, params, description = _from_workdir(config, dataset)
+        model, variables, description = _from_workdir(config, dataset)
     else:
-        model, params, description = _from_params_file(config, dataset)
+        model, variables, description = _from_params_file(config, dataset)
     teacher = Teacher(model=model, tau=float(config.distill.tau), beta=float(config.distill.beta),
                       description=description)
-    return LoadedTeacher(teacher, jax.device_get(params))
+    return LoadedTeacher(teacher, jax.device_get(variables))
 
 
 def describe(loaded: LoadedTeacher, config: ml_collections.ConfigDict) -> str:
     """One line for the start of training: the teacher, tau, beta, and a note for a hard-label loss."""
     teacher = loaded.teacher
-    num_params = sum(int(np.size(p)) for p in jax.tree.leaves(loaded.params))
+    num_params = sum(int(np.size(p)) for p in jax.tree.leaves(loaded.variables["params"]))
     text = (f"distilling from {teacher.description}: {num_params:,} frozen parameters, targets "
             f"(1 - {teacher.beta:g}) a_recipe + {teacher.beta:g} softmax(z_teacher / {teacher.tau:g})")
     if config.loss.name in LABEL_ONLY_LOSSES:

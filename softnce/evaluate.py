@@ -112,11 +112,11 @@ def evaluate_checkpoint(
             f"{tuple(dataset.example_shape)}; "
             f"the checkpoint was trained on {metadata['num_classes']} classes and inputs {saved_shape}."
         )
-    params = checkpointing.restore_params_only(
-        ckpt_dir, step, inference.abstract_params(model, dataset.example_shape, distributed.replicated(mesh))
+    variables = checkpointing.restore_variables_only(
+        ckpt_dir, step, inference.abstract_variables(model, dataset.example_shape, distributed.replicated(mesh))
     )
     eval_fn, logits_fn = train.make_eval_fns(mesh, model, dataset)
-    summary, sums = train.evaluate(eval_fn, params, split_batches(dataset, split, local_eval_batch), mesh,
+    summary, sums = train.evaluate(eval_fn, variables, split_batches(dataset, split, local_eval_batch), mesh,
                                    config.loss.temperature)
     summary = dict(summary, step=step, split=split)
     t_star, source = metadata.get("t_star"), "checkpoint"
@@ -125,11 +125,12 @@ def evaluate_checkpoint(
     if refit_temperature:
         if not dataset.num_validation_examples:
             raise ConfigError("--refit_temperature needs a validation split (config.data.validation_fraction > 0).")
-        t_star, source = train.fit_validation_temperature(logits_fn, params, dataset, local_eval_batch, mesh), "refit"
+        t_star = train.fit_validation_temperature(logits_fn, variables, dataset, local_eval_batch, mesh)
+        source = "refit"
     calibrated_sums = None
     if t_star is not None:
         calibrated, calibrated_sums = train.evaluate(
-            eval_fn, params, split_batches(dataset, split, local_eval_batch), mesh, t_star
+            eval_fn, variables, split_batches(dataset, split, local_eval_batch), mesh, t_star
         )
         summary.update(temperature=float(t_star), nll_calibrated=calibrated["nll"], ece_calibrated=calibrated["ece"],
                        temperature_source=source)

@@ -4,7 +4,8 @@
 
     python -m softnce.export --workdir W --out DIR [--step S] [--platforms cpu,cuda,tpu]
 
-writes to ``DIR`` the parameters (``params.npz``), the checkpoint metadata (``metadata.json``: class
+writes to ``DIR`` the model's variables (``variables.npz``: the parameters and the model's state, e.g.
+BatchNorm's statistics), the checkpoint metadata (``metadata.json``: class
 names, ``t*``, the training temperature, the class prior, the input shape and dtype, the run's
 config), ``logits`` and ``predict_proba`` serialised with ``jax.export`` (StableHLO with a symbolic
 batch dimension; the dataset's evaluation input transform included), and ``load.py``, a loader that
@@ -35,9 +36,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from softnce import cli  # noqa: E402  (no jax)
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: the model's variables (params and state), no longer the params alone
 LOADER_NAME = "load.py"
-FILES = ("metadata.json", "params.npz", "logits.jax", "predict_proba.jax", LOADER_NAME)
+FILES = ("metadata.json", "variables.npz", "logits.jax", "predict_proba.jax", LOADER_NAME)
 
 
 def _check_out_dir(out) -> None:
@@ -66,37 +67,37 @@ def export_classifier(classifier, out_dir, *, platforms: Optional[Sequence[str]]
     _check_out_dir(out)
     (batch,) = jax.export.symbolic_shape("b")
     x_spec = jax.ShapeDtypeStruct((batch, *classifier.example_shape), classifier.input_dtype)
-    params = jax.device_get(classifier.params)
-    params_spec = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p), np.asarray(p).dtype), params)
+    variables = jax.device_get(classifier.variables)
+    variables_spec = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p), np.asarray(p).dtype), variables)
     t_spec = jax.ShapeDtypeStruct((), jnp.float32)
     kwargs = {} if platforms is None else {"platforms": tuple(platforms)}
     functions = {
-        "logits": jax.export.export(jax.jit(classifier.logits_fn), **kwargs)(params_spec, x_spec),
-        "predict_proba": jax.export.export(jax.jit(classifier.proba_fn), **kwargs)(params_spec, x_spec, t_spec),
+        "logits": jax.export.export(jax.jit(classifier.logits_fn), **kwargs)(variables_spec, x_spec),
+        "predict_proba": jax.export.export(jax.jit(classifier.proba_fn), **kwargs)(variables_spec, x_spec, t_spec),
     }
     paths, leaves = [], []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
         if any(not isinstance(k, str) for k in keys):
-            raise TypeError(f"export needs params that are nested dicts with string keys, got the path {path}.")
+            raise TypeError(f"export needs variables that are nested dicts with string keys, got the path {path}.")
         paths.append(keys)
         leaves.append(np.asarray(leaf))
     metadata = dict(classifier.metadata)
     metadata["export"] = {
         "format": export_loader.FORMAT,
         "version": EXPORT_VERSION,
-        "params": "params.npz",
-        "param_paths": paths,
+        "variables": "variables.npz",
+        "variable_paths": paths,
         "functions": {name: f"{name}.jax" for name in functions},
         "platforms": list(functions["logits"].platforms),
         "jax_version": jax.__version__,
-        "signatures": {"logits": "(params, x [b, *input.shape] input.dtype) -> float32 [b, C]",
-                       "predict_proba": "(params, x, temperature float32 []) -> float32 [b, C]"},
+        "signatures": {"logits": "(variables, x [b, *input.shape] input.dtype) -> float32 [b, C]",
+                       "predict_proba": "(variables, x, temperature float32 []) -> float32 [b, C]"},
     }
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, **{f"p{i}": leaf for i, leaf in enumerate(leaves)})
-    (out / "params.npz").write_bytes(buffer.getvalue())
+    (out / "variables.npz").write_bytes(buffer.getvalue())
     for name, exported in functions.items():
         (out / f"{name}.jax").write_bytes(bytes(exported.serialize()))
     with open(export_loader.__file__, encoding="utf-8") as f:
@@ -116,6 +117,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="directory to write the export to (new, empty or an export)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--platforms", default=None, help="comma-separated backends, e.g. cpu,cuda,tpu")
+    parser.add_argument("--import_modules", default="", help="comma-separated modules to import first (a run of "
+                        "a user's model needs the module that registers it)")
     return parser
 
 
@@ -127,8 +130,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         _check_out_dir(checkpointing.resolve(args.out))
     except cli.UsageError as error:
         cli.fail(error)
+    import importlib
+
     from softnce import checkpoint_metadata, inference
 
+    for module in filter(None, args.import_modules.split(",")):
+        importlib.import_module(module)
     try:
         classifier = inference.load(args.workdir, args.step)
     except (FileNotFoundError, checkpoint_metadata.MetadataError) as error:

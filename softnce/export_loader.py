@@ -4,9 +4,10 @@ This file is copied into every export as ``load.py``, beside the artefact it loa
 
     metadata.json         the checkpoint metadata (classes, t*, temperature, class prior, input, config)
                           and the export's own fields (the files below, jax version, platforms)
-    params.npz            the parameters, one array per leaf (``param_paths`` in metadata.json)
-    logits.jax            jax.export of  (params, x) -> logits [b, C]
-    predict_proba.jax     jax.export of  (params, x, temperature) -> softmax(logits / temperature) [b, C]
+    variables.npz         the model's variables (parameters and state), one array per leaf
+                          (``variable_paths`` in metadata.json)
+    logits.jax            jax.export of  (variables, x) -> logits [b, C]
+    predict_proba.jax     jax.export of  (variables, x, temperature) -> softmax(logits / temperature) [b, C]
 
 Both functions are StableHLO with a symbolic batch dimension ``b`` and include the dataset's
 evaluation input transform, so ``x`` is what the dataset's eval pipeline yields (see
@@ -60,10 +61,10 @@ class ExportedClassifier:
         export = self.metadata.get("export", {})
         if export.get("format") != FORMAT:
             raise ValueError(f"{directory} does not hold a softnce export (no {FORMAT!r} metadata.json).")
-        with open(os.path.join(directory, export["params"]), "rb") as f:
+        with open(os.path.join(directory, export["variables"]), "rb") as f:
             arrays = np.load(io.BytesIO(f.read()))
-            leaves = [jnp.asarray(arrays[f"p{i}"]) for i in range(len(export["param_paths"]))]
-        self.params = _nest([tuple(p) for p in export["param_paths"]], leaves)
+            leaves = [jnp.asarray(arrays[f"p{i}"]) for i in range(len(export["variable_paths"]))]
+        self.variables = _nest([tuple(p) for p in export["variable_paths"]], leaves)
         self._functions = {}
         for name, filename in export["functions"].items():
             with open(os.path.join(directory, filename), "rb") as f:
@@ -105,7 +106,7 @@ class ExportedClassifier:
 
     def logits(self, x) -> np.ndarray:
         x, single = self._prepare(x)
-        z = np.asarray(self._functions["logits"](self.params, x))
+        z = np.asarray(self._functions["logits"](self.variables, x))
         return z[0] if single else z
 
     def predict_proba(self, x, calibrated: bool = True) -> np.ndarray:
@@ -114,7 +115,7 @@ class ExportedClassifier:
             raise ValueError("this export has no fitted temperature t*; use predict_proba(x, calibrated=False).")
         t = self.t_star if calibrated else self.temperature
         x, single = self._prepare(x)
-        p = np.asarray(self._functions["predict_proba"](self.params, x, np.float32(t)))
+        p = np.asarray(self._functions["predict_proba"](self.variables, x, np.float32(t)))
         return p[0] if single else p
 
     def predict(self, x) -> np.ndarray:

@@ -49,31 +49,31 @@ class Classifier:
     """A trained model with its metadata: :meth:`logits`, :meth:`predict_proba`, :meth:`predict`.
 
     Args:
-      model: the Flax module (``model.apply({'params': p}, x, train=False) -> logits``).
-      params: its parameters.
+      model: the Flax module (``model.apply(variables, x, train=False) -> logits``).
+      variables: its variables, ``{'params': params, **model_state}`` (e.g. BatchNorm's ``batch_stats``).
       metadata: :mod:`softnce.checkpoint_metadata`'s dict (``num_classes``, ``class_names``,
         ``class_prior``, ``temperature``, ``t_star``, ``input``, ``config``, ...).
       input_transform: the dataset's ``device_eval_transform`` (e.g. uint8 -> normalised float), or ``None``.
     """
 
-    def __init__(self, model, params, metadata: dict, input_transform=None):
+    def __init__(self, model, variables: dict, metadata: dict, input_transform=None):
         self.model = model
-        self.params = params
+        self.variables = variables
         self.metadata = dict(metadata)
         self.input_transform = input_transform
         self._logits = jax.jit(self.logits_fn)
         self._proba = jax.jit(self.proba_fn)
 
     # --------------------------------------------------------------- the pure functions (also exported)
-    def logits_fn(self, params, x):
-        """``(params, inputs [n, ...]) -> float32 logits [n, C]`` (pure, jittable)."""
+    def logits_fn(self, variables, x):
+        """``(variables, inputs [n, ...]) -> float32 logits [n, C]`` (pure, jittable)."""
         if self.input_transform is not None:
             x = self.input_transform(x)
-        return self.model.apply({"params": params}, x, train=False).astype(jnp.float32)
+        return self.model.apply(variables, x, train=False).astype(jnp.float32)
 
-    def proba_fn(self, params, x, temperature):
-        """``(params, inputs, temperature) -> softmax(logits / temperature) [n, C]`` (pure, jittable)."""
-        return jax.nn.softmax(self.logits_fn(params, x) / temperature, axis=-1)
+    def proba_fn(self, variables, x, temperature):
+        """``(variables, inputs, temperature) -> softmax(logits / temperature) [n, C]`` (pure, jittable)."""
+        return jax.nn.softmax(self.logits_fn(variables, x) / temperature, axis=-1)
 
     # --------------------------------------------------------------- metadata
     @property
@@ -145,14 +145,14 @@ class Classifier:
     def logits(self, x) -> np.ndarray:
         """Logits ``[n, C]`` (float32) of inputs ``x``."""
         x, single = self.prepare(x)
-        z = np.asarray(self._logits(self.params, x))
+        z = np.asarray(self._logits(self.variables, x))
         return z[0] if single else z
 
     def predict_proba(self, x, calibrated: bool = True) -> np.ndarray:
         """``softmax(z / t*)`` (``calibrated``) or ``softmax(z / t)`` at the training temperature, ``[n, C]``."""
         t = jnp.float32(self.temperature_for(calibrated))
         x, single = self.prepare(x)
-        p = np.asarray(self._proba(self.params, x, t))
+        p = np.asarray(self._proba(self.variables, x, t))
         return p[0] if single else p
 
     def predict(self, x) -> np.ndarray:
@@ -245,11 +245,12 @@ def checkpoint_info(workdir, ckpt_dir, step: int, *, dataset=None) -> tuple[dict
     return metadata, dataset
 
 
-def abstract_params(model, example_shape: Sequence[int], sharding) -> Any:
-    """The shapes and dtypes of ``model``'s params (no computation), each with ``sharding``."""
-    shapes = jax.eval_shape(
+def abstract_variables(model, example_shape: Sequence[int], sharding) -> dict:
+    """The shapes and dtypes of ``model``'s variables (``params`` and its state; no computation), each with
+    ``sharding``."""
+    shapes = dict(jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *example_shape), jnp.float32), train=False)
-    )["params"]
+    ))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
@@ -276,6 +277,6 @@ def load(path, step: Optional[int] = None) -> Classifier:
             dataset, _ = train.make_dataset_and_model(config)
         transform = dataset.device_eval_transform
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = abstract_params(model, metadata["input"]["shape"], device)
-    params = checkpointing.restore_params_only(ckpt_dir, step, target)
-    return Classifier(model, params, metadata, transform)
+    target = abstract_variables(model, metadata["input"]["shape"], device)
+    variables = checkpointing.restore_variables_only(ckpt_dir, step, target)
+    return Classifier(model, variables, metadata, transform)

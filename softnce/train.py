@@ -44,6 +44,7 @@ import json
 import time
 from typing import Any, Callable, Iterator, Optional
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -74,17 +75,31 @@ from softnce.data.base import Batch, Dataset, DeviceEvalTransform, DeviceTrainTr
 from softnce.metric_writer import MetricWriter
 from softnce.watchdog import StepWatchdog
 
-TrainState = train_state.TrainState
 AXIS = distributed.DATA_AXIS
 INPUT_KEY_STREAM = 0x1A6  # folded into the step key for the per-example input-augmentation keys
 
 Params = Any  # the model's parameter pytree
+Variables = dict  # what a Flax model's apply takes: {'params': params, **model_state}
+
+
+class TrainState(train_state.TrainState):
+    """Flax's ``TrainState`` with the model's state: its collections besides ``params`` that training
+    updates (BatchNorm's ``batch_stats``), ``{}`` for a model without any."""
+
+    model_state: dict = flax.struct.field(default_factory=dict)
+
+    @property
+    def variables(self) -> Variables:
+        """``{'params': params, **model_state}``: what ``apply_fn`` takes."""
+        return {"params": self.params, **self.model_state}
+
+
 TrainStepFn = Callable[[TrainState, dict, jax.Array, Optional[jax.Array]], tuple[TrainState, dict]]
 """``(state, global batch, rng, log_noise_probs) -> (new state, metrics)``, :func:`make_sharded_train_step`."""
-EvalStepFn = Callable[[Params, dict, jax.Array], dict]
-"""``(params, global batch, temperature) -> metric sums``, :func:`make_sharded_eval_step`."""
-LogitsStepFn = Callable[[Params, dict], tuple[jax.Array, jax.Array, jax.Array]]
-"""``(params, global batch) -> (logits, label, mask)``, :func:`make_sharded_logits_step`."""
+EvalStepFn = Callable[[Variables, dict, jax.Array], dict]
+"""``(variables, global batch, temperature) -> metric sums``, :func:`make_sharded_eval_step`."""
+LogitsStepFn = Callable[[Variables, dict], tuple[jax.Array, jax.Array, jax.Array]]
+"""``(variables, global batch) -> (logits, label, mask)``, :func:`make_sharded_logits_step`."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,7 +108,7 @@ LogitsStepFn = Callable[[Params, dict], tuple[jax.Array, jax.Array, jax.Array]]
 
 
 def make_targets(rng, batch: dict, *, num_classes: int, mix_config: targets.MixConfig,
-                 teacher: Optional[distill.Teacher] = None, teacher_params: Optional[Params] = None):
+                 teacher: Optional[distill.Teacher] = None, teacher_variables: Optional[Variables] = None):
     """Inputs and soft targets of one device's batch.
 
     The recipe's targets are the smoothed and mixed one-hot labels, or the smoothed and mixed
@@ -108,7 +123,7 @@ def make_targets(rng, batch: dict, *, num_classes: int, mix_config: targets.MixC
         inputs, made = targets.mix_batch(rng, batch["inputs"], batch["label"], num_classes=num_classes,
                                          config=mix_config, soft_targets=given)
     if teacher is not None:
-        made = targets.Targets(teacher.targets(teacher_params, inputs, made.dense), made.labels, None)
+        made = targets.Targets(teacher.targets(teacher_variables, inputs, made.dense), made.labels, None)
     return inputs, made
 
 
@@ -126,7 +141,7 @@ def train_step(
     batch: dict,
     rng: jax.Array,
     log_noise_probs: Optional[jax.Array],
-    teacher_params: Optional[Params] = None,
+    teacher_variables: Optional[Variables] = None,
     *,
     loss_fn: losses.LossFn,
     num_classes: int,
@@ -146,8 +161,13 @@ def train_step(
       input_transform: the dataset's ``device_train_transform(keys [N], inputs) -> inputs``
         (per-example keys, see :func:`example_keys`), applied before the targets are made; ``None``
         leaves inputs as they are.
-      teacher, teacher_params: a frozen :class:`softnce.distill.Teacher` and its (replicated)
-        parameters, whose distribution enters the targets (:func:`make_targets`); ``None``: no teacher.
+      teacher, teacher_variables: a frozen :class:`softnce.distill.Teacher` and its (replicated)
+        variables, whose distribution enters the targets (:func:`make_targets`); ``None``: no teacher.
+
+    Model state (``state.model_state``, e.g. BatchNorm's ``batch_stats``): the forward pass in training
+    mode updates it from this device's ``N`` examples (BatchNorm normalises with the statistics of the
+    device's own batch), and the updated state is averaged over the devices (``pmean``), so every device
+    holds the same running statistics: the mean of the per-device updates.
 
     Returns:
       The new state and ``{'loss', 'grad_norm'}`` averaged over the global batch.
@@ -160,7 +180,7 @@ def train_step(
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     mix_rng, dropout_rng, loss_rng = jax.random.split(rng, 3)
     inputs, batch_targets = make_targets(mix_rng, batch, num_classes=num_classes, mix_config=mix_config,
-                                         teacher=teacher, teacher_params=teacher_params)
+                                         teacher=teacher, teacher_variables=teacher_variables)
     loss_inputs = losses.LossInputs(
         targets=batch_targets.dense,
         labels=batch_targets.labels,
@@ -172,33 +192,41 @@ def train_step(
     )
 
     def mean_loss(params):
-        logits = state.apply_fn({"params": params}, inputs, train=True, rngs={"dropout": dropout_rng})
+        variables, rngs = {"params": params, **state.model_state}, {"dropout": dropout_rng}
+        if state.model_state:
+            logits, model_state = state.apply_fn(variables, inputs, train=True, rngs=rngs,
+                                                 mutable=list(state.model_state))
+        else:
+            logits, model_state = state.apply_fn(variables, inputs, train=True, rngs=rngs), {}
         loss = jnp.mean(loss_fn(logits, loss_inputs))
         # The global-batch mean. Under shard_map (check_vma on) the params are device-invariant, so
         # their gradient is already summed over devices; a pmean of the gradients afterwards would
         # leave that sum, num_devices times the gradient of the mean (tests/test_vit_gelu.py).
-        return loss if axis_name is None else jax.lax.pmean(loss, axis_name)
+        return (loss if axis_name is None else jax.lax.pmean(loss, axis_name)), model_state
 
-    loss, grads = jax.value_and_grad(mean_loss)(state.params)
+    (loss, model_state), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+    if axis_name is not None and model_state:
+        model_state = jax.lax.pmean(model_state, axis_name)  # the mean of the per-device updates
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return state.apply_gradients(grads=grads), metrics
+    return state.apply_gradients(grads=grads).replace(model_state=model_state), metrics
 
 
-def make_sharded_train_step(mesh: Mesh, *, teacher_params: Optional[Params] = None, **step_kwargs) -> TrainStepFn:
+def make_sharded_train_step(mesh: Mesh, *, teacher_variables: Optional[Variables] = None,
+                            **step_kwargs) -> TrainStepFn:
     """``jit(shard_map(train_step))``: state, rng and prior replicated, batch split on ``'data'``.
 
-    With ``teacher=`` (in ``step_kwargs``) the teacher's ``teacher_params`` are replicated over the
+    With ``teacher=`` (in ``step_kwargs``) the teacher's ``teacher_variables`` are replicated over the
     mesh once and passed to every step as an argument (not donated, not part of the state).
     """
     step = functools.partial(train_step, axis_name=AXIS, **step_kwargs)
     if step_kwargs.get("teacher") is None:
         sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P(), P()), out_specs=(P(), P()))
         return jax.jit(sharded, donate_argnums=(0,))
-    if teacher_params is None:
-        raise ValueError("make_sharded_train_step: a teacher needs its teacher_params.")
+    if teacher_variables is None:
+        raise ValueError("make_sharded_train_step: a teacher needs its teacher_variables.")
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P(), P(), P()), out_specs=(P(), P()))
     jitted = jax.jit(sharded, donate_argnums=(0,))
-    replicated = jax.jit(lambda p: p, out_shardings=distributed.replicated(mesh))(jax.device_get(teacher_params))
+    replicated = jax.jit(lambda p: p, out_shardings=distributed.replicated(mesh))(jax.device_get(teacher_variables))
 
     def step_with_teacher(state, batch, rng, log_noise_probs):
         return jitted(state, batch, rng, log_noise_probs, replicated)
@@ -206,50 +234,51 @@ def make_sharded_train_step(mesh: Mesh, *, teacher_params: Optional[Params] = No
     return step_with_teacher
 
 
-def _eval_logits(params, batch: dict, *, apply_fn, input_transform: Optional[DeviceEvalTransform]):
+def _eval_logits(variables: Variables, batch: dict, *, apply_fn, input_transform: Optional[DeviceEvalTransform]):
     inputs = batch["inputs"] if input_transform is None else input_transform(batch["inputs"])
-    return apply_fn({"params": params}, inputs, train=False)
+    return apply_fn(variables, inputs, train=False)
 
 
-def eval_step(params, batch: dict, temperature, *, apply_fn, axis_name: Optional[str],
+def eval_step(variables: Variables, batch: dict, temperature, *, apply_fn, axis_name: Optional[str],
               input_transform: Optional[DeviceEvalTransform] = None) -> dict:
     """Per-device evaluation sums at ``temperature`` (:func:`softnce.evaluation.metric_sums`), summed over devices."""
-    logits = _eval_logits(params, batch, apply_fn=apply_fn, input_transform=input_transform)
+    logits = _eval_logits(variables, batch, apply_fn=apply_fn, input_transform=input_transform)
     sums = evaluation.metric_sums(logits, batch["label"], batch["mask"], temperature=temperature)
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
 
 def make_sharded_eval_step(mesh: Mesh, **step_kwargs) -> EvalStepFn:
-    """``(params, batch, temperature) -> sums``; the temperature is an argument (no recompilation)."""
+    """``(variables, batch, temperature) -> sums``; the temperature is an argument (no recompilation)."""
     step = functools.partial(eval_step, axis_name=AXIS, **step_kwargs)
     return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P()))
 
 
 def make_sharded_logits_step(mesh: Mesh, **step_kwargs) -> LogitsStepFn:
-    """``(params, batch) -> (logits [B, C], label [B], mask [B])``, global arrays split on ``'data'``."""
+    """``(variables, batch) -> (logits [B, C], label [B], mask [B])``, global arrays split on ``'data'``."""
     step = functools.partial(_eval_logits, **step_kwargs)
-    per_device = lambda params, batch: (step(params, batch), batch["label"], batch["mask"])  # noqa: E731
+    per_device = lambda variables, batch: (step(variables, batch), batch["label"], batch["mask"])  # noqa: E731
     return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
 
 
-def evaluate(eval_fn: EvalStepFn, params, batches: Iterator[dict], mesh: Mesh, temperature: float) -> tuple[dict, dict]:
+def evaluate(eval_fn: EvalStepFn, variables: Variables, batches: Iterator[dict], mesh: Mesh,
+             temperature: float) -> tuple[dict, dict]:
     """One pass over ``batches`` at ``temperature``; returns ``(summary, sums)`` (padding excluded)."""
     sums = None
     t = jnp.float32(temperature)
     for batch in batches:
-        sums = evaluation.add_sums(sums, jax.device_get(eval_fn(params, distributed.global_batch(mesh, batch), t)))
+        sums = evaluation.add_sums(sums, jax.device_get(eval_fn(variables, distributed.global_batch(mesh, batch), t)))
     return evaluation.summarize(sums), sums
 
 
 def collect_logits(
-    logits_fn: LogitsStepFn, params, batches: Iterator[dict], mesh: Mesh
+    logits_fn: LogitsStepFn, variables: Variables, batches: Iterator[dict], mesh: Mesh
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits ``[n, C]`` and labels ``[n]`` of one pass over ``batches`` on every process (padding dropped)."""
     from jax.experimental import multihost_utils
 
     parts = []
     for batch in batches:
-        out = logits_fn(params, distributed.global_batch(mesh, batch))
+        out = logits_fn(variables, distributed.global_batch(mesh, batch))
         if jax.process_count() > 1:
             out = multihost_utils.process_allgather(out, tiled=True)
         logits, labels, mask = (np.asarray(x) for x in jax.device_get(out))
@@ -386,34 +415,38 @@ def run_keys(seed_key: jax.Array) -> tuple[jax.Array, jax.Array]:
     return init_rng, train_rng
 
 
-def initial_params(config: ml_collections.ConfigDict, model, example_shape, rng, *, use_init: bool = True) -> Any:
-    """Fresh params, replaced by ``config.init.checkpoint`` or ``config.init.pretrained`` if given.
+def initial_variables(config: ml_collections.ConfigDict, model, example_shape, rng, *,
+                      use_init: bool = True) -> Variables:
+    """Fresh variables (``params`` and the model's state), replaced by ``config.init.checkpoint`` (its params and
+    model state) or, for the params, by ``config.init.pretrained`` if given.
 
     ``use_init=False`` skips both (a resumed run restores its own checkpoint instead).
     """
-    params = model.init(rng, jnp.zeros((1, *example_shape), jnp.float32), train=False)["params"]
+    variables = dict(model.init(rng, jnp.zeros((1, *example_shape), jnp.float32), train=False))
     init = config.get("init", ml_collections.ConfigDict()) if use_init else ml_collections.ConfigDict()
     if init.get("checkpoint"):
-        return checkpointing.restore_params(init.checkpoint, params)
+        return checkpointing.restore_variables(init.checkpoint, variables)
     if init.get("pretrained"):
         from softnce.models import mae_checkpoint
 
-        return mae_checkpoint.merge_pretrained(params, mae_checkpoint.load_pretrained_params(init.pretrained))
-    return params
+        pretrained = mae_checkpoint.load_pretrained_params(init.pretrained)
+        return {**variables, "params": mae_checkpoint.merge_pretrained(variables["params"], pretrained)}
+    return variables
 
 
 def create_train_state(config, model, example_shape, rng, mesh: Mesh, global_batch: int, *, use_init: bool = True):
     """The replicated initial ``TrainState`` and the learning-rate schedule."""
-    params = initial_params(config, model, example_shape, rng, use_init=use_init)
+    variables = initial_variables(config, model, example_shape, rng, use_init=use_init)
+    params = variables.pop("params")
     tx, schedule = optim.make_optimizer(
         config.optim, params, global_batch=global_batch, total_steps=config.num_train_steps,
         layers=optim.layer_structure(model),  # the model's layers for layer-wise lr decay, if it declares them
     )
     make = jax.jit(
-        lambda p: TrainState.create(apply_fn=model.apply, params=p, tx=tx),
+        lambda p, model_state: TrainState.create(apply_fn=model.apply, params=p, tx=tx, model_state=model_state),
         out_shardings=distributed.replicated(mesh),
     )
-    return make(params), schedule
+    return make(params, variables), schedule
 
 
 def max_steps_in_flight(config: ml_collections.ConfigDict) -> int:
@@ -499,7 +532,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
             batches = dataset.train_batches(local_batch, seed=config.seed, start_step=last_saved)
         _print_chief(is_chief, f"resumed from the checkpoint of step {last_saved} in {ckpt_dir}")
 
-    teacher_kwargs = {} if teacher is None else dict(teacher=teacher.teacher, teacher_params=teacher.params)
+    teacher_kwargs = {} if teacher is None else dict(teacher=teacher.teacher, teacher_variables=teacher.variables)
     step_fn = make_sharded_train_step(
         mesh, loss_fn=loss_spec.bind(config.loss), num_classes=dataset.num_classes, mix_config=mix_config,
         temperature=config.loss.temperature, input_transform=dataset.device_train_transform, **teacher_kwargs,
@@ -602,13 +635,14 @@ def _log_train_metrics(run: Run, history, *, step: int, progress: Progress) -> N
 def _evaluate_test(run: Run) -> tuple[dict, dict]:
     """Test metrics at the training temperature ``config.loss.temperature``."""
     batches = run.dataset.eval_batches(run.local_eval_batch)
-    return evaluate(run.eval_fn, run.state.params, batches, run.mesh, run.config.loss.temperature)
+    return evaluate(run.eval_fn, run.state.variables, batches, run.mesh, run.config.loss.temperature)
 
 
-def fit_validation_temperature(logits_fn: LogitsStepFn, params, dataset: Dataset, local_eval_batch: int,
-                               mesh: Mesh) -> float:
-    """``t*``: the temperature minimising the NLL of ``params`` on ``dataset``'s validation split."""
-    val_logits, val_labels = collect_logits(logits_fn, params, dataset.validation_batches(local_eval_batch), mesh)
+def fit_validation_temperature(logits_fn: LogitsStepFn, variables: Variables, dataset: Dataset,
+                               local_eval_batch: int, mesh: Mesh) -> float:
+    """``t*``: the temperature minimising the NLL of the model's ``variables`` on ``dataset``'s validation split."""
+    batches = dataset.validation_batches(local_eval_batch)
+    val_logits, val_labels = collect_logits(logits_fn, variables, batches, mesh)
     return evaluation.fit_temperature(val_logits, val_labels)
 
 
@@ -620,9 +654,9 @@ def calibrate(run: Run) -> Optional[tuple[dict, dict]]:
     """
     if not run.dataset.num_validation_examples:
         return None
-    t_star = fit_validation_temperature(run.logits_fn, run.state.params, run.dataset, run.local_eval_batch, run.mesh)
+    t_star = fit_validation_temperature(run.logits_fn, run.state.variables, run.dataset, run.local_eval_batch, run.mesh)
     summary, sums = evaluate(
-        run.eval_fn, run.state.params, run.dataset.eval_batches(run.local_eval_batch), run.mesh, t_star
+        run.eval_fn, run.state.variables, run.dataset.eval_batches(run.local_eval_batch), run.mesh, t_star
     )
     return {"temperature": t_star, "nll_calibrated": summary["nll"], "ece_calibrated": summary["ece"]}, sums
 
@@ -670,7 +704,7 @@ def _evaluate_validation(run: Run, step: int, curve: list[dict]) -> dict:
     """Validation metrics at ``config.loss.temperature``: logged as ``val/*``, appended to ``curve`` and
     written to ``history.json`` (the learning curve; process 0)."""
     batches = run.dataset.validation_batches(run.local_eval_batch)
-    summary, _ = evaluate(run.eval_fn, run.state.params, batches, run.mesh, run.config.loss.temperature)
+    summary, _ = evaluate(run.eval_fn, run.state.variables, batches, run.mesh, run.config.loss.temperature)
     _print_eval(run, step, summary, prefix="val", label="validation")
     curve.append(dict(summary, step=step))
     if run.is_chief:
@@ -694,7 +728,7 @@ def _final_validation(run: Run, curve: list[dict], calibrated: Optional[tuple[di
     if calibrated is not None:
         t_star = calibrated[0]["temperature"]
     else:
-        t_star = fit_validation_temperature(run.logits_fn, run.state.params, run.dataset, run.local_eval_batch,
+        t_star = fit_validation_temperature(run.logits_fn, run.state.variables, run.dataset, run.local_eval_batch,
                                             run.mesh)
     summary.update(temperature=t_star, split="validation")
     if run.is_chief:

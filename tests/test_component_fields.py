@@ -150,20 +150,36 @@ def get_config():
 '''
 
 
-def main_command(tmp_path, *args):
+def main_command(tmp_path, *args, devices=2):
     (tmp_path / "user_config.py").write_text(USER_CONFIG)
     return [sys.executable, "-m", "softnce.main", "--import_modules=user_registrations",
-            f"--config={tmp_path / 'user_config.py'}", *args, "--num_cpu_devices=2", f"--workdir={tmp_path / 'run'}"]
+            f"--config={tmp_path / 'user_config.py'}", *args, f"--num_cpu_devices={devices}",
+            f"--workdir={tmp_path / 'run'}"]
 
 
-def test_fields_set_on_the_command_line_reach_the_run(tmp_path, cli_env):
+@pytest.mark.parametrize("devices", [1, 8])
+def test_a_user_module_trains_and_exports_through_the_command_lines(devices, tmp_path, cli_env, user_module):
+    """The user's focal loss (gamma from the command line) and BatchNorm MLP (width from the command line)."""
     env = dict(cli_env, PYTHONPATH=os.path.join(REPO, "tests"))
-    cmd = main_command(tmp_path, "--config.loss.gamma=1.5", "--config.model.width", "24")
+    cmd = main_command(tmp_path, "--config.loss.gamma=1.5", "--config.model.width", "24", devices=devices)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     saved = json.load(open(tmp_path / "run" / "config.json"))
     assert saved["loss"]["gamma"] == 1.5 and saved["model"] == {"name": "user_mlp", "width": 24}
     assert np.isfinite(json.load(open(tmp_path / "run" / "metrics.json"))["nll"])
+    export = [sys.executable, "-m", "softnce.export", "--import_modules=user_registrations",
+              f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'export'}"]
+    proc = subprocess.run(export, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    from softnce import export_loader, inference
+
+    classifier = inference.load(str(tmp_path / "run"))
+    running_mean = np.asarray(classifier.variables["batch_stats"]["norm"]["mean"])
+    assert running_mean.shape == (24,) and np.abs(running_mean).max() > 1e-3  # trained, not the initial zeros
+    x = np.random.default_rng(0).normal(size=(5, 8, 8, 1)).astype(np.float32)
+    exported = export_loader.load(str(tmp_path / "export"))
+    np.testing.assert_allclose(exported.logits(x), classifier.logits(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("args, message", [

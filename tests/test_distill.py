@@ -14,7 +14,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from flax.training import train_state
 from test_train import REPO, latest_params, small_config
 
 from softnce import distill, distributed, losses, models, targets, train
@@ -80,7 +79,7 @@ def test_targets_equal_the_formula_on_the_same_mixed_batch(teacher_dir):
     rng = jax.random.PRNGKey(5)
     make = jax.jit(functools.partial(train.make_targets, num_classes=10, mix_config=mix_config,
                                      teacher=loaded.teacher))
-    inputs, made = make(rng, batch, teacher_params=loaded.params)
+    inputs, made = make(rng, batch, teacher_variables=loaded.variables)
     mixed, recipe = targets.mix_batch(rng, batch["inputs"], batch["label"], num_classes=10, config=mix_config)
     np.testing.assert_array_equal(inputs, mixed)
     assert not np.allclose(np.asarray(mixed), batch["inputs"])  # the batch was really mixed (key 5: MixUp)
@@ -92,7 +91,7 @@ def test_targets_equal_the_formula_on_the_same_mixed_batch(teacher_dir):
     # beta = 1: the teacher's distribution alone.
     alone = distill.Teacher(loaded.teacher.model, tau=1.0, beta=1.0)
     _, only = train.make_targets(rng, batch, num_classes=10, mix_config=mix_config, teacher=alone,
-                                 teacher_params=loaded.params)
+                                 teacher_variables=loaded.variables)
     np.testing.assert_allclose(only.dense, softmax(numpy_mlp(teacher_params, mixed)), rtol=1e-5, atol=1e-6)
 
 
@@ -113,7 +112,7 @@ def test_train_step_uses_the_teacher_targets_and_1_and_8_devices_agree(teacher_d
     params = jax.device_get(model.init(jax.random.PRNGKey(0), batch["inputs"][:1], train=False)["params"])
 
     def new_state():
-        return train_state.TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.array, params),
+        return train.TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.array, params),
                                              tx=optax.sgd(0.1))
 
     mix_config = targets.MixConfig.from_config(config.augment)
@@ -122,8 +121,8 @@ def test_train_step_uses_the_teacher_targets_and_1_and_8_devices_agree(teacher_d
     for loss_fn in (losses.get_loss("soft_target_infonce").fn, _expected_class_loss):
         kwargs = dict(loss_fn=loss_fn, num_classes=10, mix_config=mix_config, temperature=1.0, teacher=loaded.teacher)
         one = jax.jit(functools.partial(train.train_step, axis_name=None, **kwargs))
-        state_1, metrics_1 = one(new_state(), batch, key, log_eta, loaded.params)
-        sharded = train.make_sharded_train_step(mesh, teacher_params=loaded.params, **kwargs)
+        state_1, metrics_1 = one(new_state(), batch, key, log_eta, loaded.variables)
+        sharded = train.make_sharded_train_step(mesh, teacher_variables=loaded.variables, **kwargs)
         state_8, metrics_8 = sharded(new_state(), distributed.global_batch(mesh, batch), key, log_eta)
         np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state_8.params,
@@ -140,14 +139,14 @@ def test_a_parameters_file_teacher_equals_the_workdir_teacher(teacher_dir, tmp_p
     batch = digits_batch()
     for suffix in (".npz", ".msgpack"):
         path = str(tmp_path / f"teacher{suffix}")
-        distill.save_params(path, from_run.params)
+        distill.save_params(path, from_run.variables["params"])
         config = student_config(**{"distill.teacher_params": path})
         config.distill.teacher_model = ml_collections.ConfigDict(TEACHER_MODEL)
         train.validate_config(config)
         from_file = distill.load_teacher(config, dataset)
-        jax.tree.map(np.testing.assert_array_equal, from_file.params, from_run.params)
-        np.testing.assert_array_equal(from_file.teacher.probs(from_file.params, batch["inputs"]),
-                                      from_run.teacher.probs(from_run.params, batch["inputs"]))
+        jax.tree.map(np.testing.assert_array_equal, from_file.variables, from_run.variables)
+        np.testing.assert_array_equal(from_file.teacher.probs(from_file.variables, batch["inputs"]),
+                                      from_run.teacher.probs(from_run.variables, batch["inputs"]))
     config.distill.teacher_model.hidden_sizes = (8,)  # a model the file does not fit
     with pytest.raises(ConfigError, match=r"parameter head/kernel has shape \(24, 10\) in the file, the teacher "
                                           r"model expects \(8, 10\)"):

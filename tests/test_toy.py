@@ -230,7 +230,7 @@ def test_config_runs_through_the_entry_point_and_matches_the_vmapped_trainer(tmp
     for ours, cli in zip(jax.tree.leaves(params), jax.tree.leaves(cli_params)):
         np.testing.assert_allclose(np.asarray(ours)[0], np.asarray(cli), rtol=0, atol=2e-5)
     init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
-    initial = train.initial_params(config, models.get_model(config.model, 3), (2,), init_rng)
+    initial = train.initial_variables(config, models.get_model(config.model, 3), (2,), init_rng)["params"]
     pairs = zip(jax.tree.leaves(initial), jax.tree.leaves(cli_params))
     moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs]
     assert max(moved) > 1e-3

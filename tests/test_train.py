@@ -196,7 +196,6 @@ def test_device_input_transform_gets_the_same_per_example_keys_on_1_and_8_device
     import functools
 
     import optax
-    from flax.training import train_state
 
     from softnce import distributed, models, targets
 
@@ -211,7 +210,7 @@ def test_device_input_transform_gets_the_same_per_example_keys_on_1_and_8_device
 
     def new_state():
         fresh = jax.tree.map(jnp.array, params)
-        return train_state.TrainState.create(apply_fn=model.apply, params=fresh, tx=optax.sgd(0.1))
+        return train.TrainState.create(apply_fn=model.apply, params=fresh, tx=optax.sgd(0.1))
 
     kwargs = dict(loss_fn=losses.get_loss("nll").fn, num_classes=10, mix_config=targets.MixConfig(), temperature=1.0)
     key = jax.random.PRNGKey(3)

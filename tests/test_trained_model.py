@@ -276,7 +276,7 @@ def test_vit_export_matches_the_in_process_model(tmp_path):
     from softnce.models import vit
 
     model = vit.vit_tiny(10)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
     spec = SPECS["imagenet2012"]
     metadata = {
         "version": 1, "step": 0, "num_classes": 10, "class_names": [f"class{c}" for c in range(10)],
@@ -284,7 +284,7 @@ def test_vit_export_matches_the_in_process_model(tmp_path):
         "input": {"shape": [32, 32, 3], "dtype": "uint8",
                   "transform": checkpoint_metadata.transform_spec(EvalTransform(spec.mean, spec.std))},
     }
-    clf = inference.Classifier(model, params, metadata, EvalTransform(spec.mean, spec.std))
+    clf = inference.Classifier(model, variables, metadata, EvalTransform(spec.mean, spec.std))
     images = np.random.default_rng(0).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="uint8 images"):
         clf.predict_proba(images.astype(np.float32))

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax.training import train_state
 from jax.sharding import PartitionSpec as P
 from scipy import special
 
@@ -90,7 +89,7 @@ def test_vit_train_step_runs_under_shard_map_and_matches_one_device():
     params = jax.device_get(model.init(jax.random.PRNGKey(0), batch["inputs"][:1], train=False)["params"])
 
     def new_state():  # fresh arrays each time: the sharded step donates its state
-        return train_state.TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.array, params),
+        return train.TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.array, params),
                                              tx=optax.sgd(0.5))
 
     step_kwargs = dict(loss_fn=losses.get_loss("nll").fn, num_classes=10, mix_config=targets.MixConfig(),

@@ -48,7 +48,7 @@ def start_params(config):
     model = models.get_model(config.model, NUM_CLASSES)
     init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
     fresh = model.init(init_rng, np.zeros((1, *SHAPE), np.float32), train=False)["params"]
-    return fresh, train.initial_params(config, model, SHAPE, init_rng)
+    return fresh, train.initial_variables(config, model, SHAPE, init_rng)["params"]
 
 
 def assert_trees_equal(a, b):

@@ -43,15 +43,16 @@ def user_linear(num_classes: int, **fields) -> nn.Module:
 
 
 class WideMLP(nn.Module):
-    """``x [B, ...] -> Dense(width) -> relu -> Dense(num_classes)``."""
+    """``x [B, ...] -> Dense(width) -> BatchNorm -> relu -> Dense(num_classes)``: a model with state
+    (BatchNorm's running statistics, the ``batch_stats`` collection)."""
 
     num_classes: int
     width: int = 64
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        del train
-        x = nn.relu(nn.Dense(self.width, name="hidden")(x.reshape(x.shape[0], -1)))
+        x = nn.Dense(self.width, name="hidden")(x.reshape(x.shape[0], -1))
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="norm")(x))
         return nn.Dense(self.num_classes, name="head")(x)
 
 

@@ -36,10 +36,10 @@ def stacked_batch_rows(seeds: Sequence[int], num_examples: int, batch_size: int,
 
 
 def make_train_fn(config, num_classes: int, example_shape: tuple[int, ...]) -> Callable:
-    """``jit(vmap(run))`` with ``run(seed_key, data, rows, log_noise_probs) -> (params, losses [T])``.
+    """``jit(vmap(run))`` with ``run(seed_key, data, rows, log_noise_probs) -> (variables, losses [T])``.
 
     ``run`` splits ``seed_key = PRNGKey(seed)`` as the trainer does (:func:`softnce.train.run_keys`),
-    initialises the model of ``config`` (:func:`softnce.train.initial_params`), builds the optimiser
+    initialises the model of ``config`` (:func:`softnce.train.initial_variables`), builds the optimiser
     (:func:`softnce.optim.make_optimizer`) and scans ``config.num_train_steps`` calls of
     :func:`softnce.train.train_step` over the batches ``rows [T, B]`` (:func:`batch_rows`) of
     ``data`` = ``{'inputs' [n, ...], 'label' [n], 'targets' [n, C] (optional)}``. Everything but
@@ -48,7 +48,7 @@ def make_train_fn(config, num_classes: int, example_shape: tuple[int, ...]) -> C
     model = models.get_model(config.model, num_classes)
     num_steps = config.num_train_steps
     abstract_params = jax.eval_shape(
-        lambda r: train.initial_params(config, model, example_shape, r), jax.random.PRNGKey(0)
+        lambda r: train.initial_variables(config, model, example_shape, r)["params"], jax.random.PRNGKey(0)
     )
     tx, _ = optim.make_optimizer(
         config.optim, abstract_params, global_batch=config.data.batch_size, total_steps=num_steps
@@ -61,20 +61,21 @@ def make_train_fn(config, num_classes: int, example_shape: tuple[int, ...]) -> C
 
     def run(seed_key, data, rows, log_noise_probs):
         init_rng, train_rng = train.run_keys(seed_key)
-        params = train.initial_params(config, model, example_shape, init_rng)
-        state = train.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+        variables = train.initial_variables(config, model, example_shape, init_rng)
+        params = variables.pop("params")
+        state = train.TrainState.create(apply_fn=model.apply, params=params, tx=tx, model_state=variables)
 
         def body(state, r):
             state, metrics = step(state, jax.tree.map(lambda v: v[r], data), train_rng, log_noise_probs)
             return state, metrics["loss"]
 
         state, loss_curve = jax.lax.scan(body, state, rows)
-        return state.params, loss_curve
+        return state.variables, loss_curve
 
     return jax.jit(jax.vmap(run))
 
 
 def make_apply_fn(config, num_classes: int) -> Callable:
-    """``jit(vmap(apply))``: stacked params and inputs ``[R, n, ...]`` -> logits ``[R, n, C]``."""
+    """``jit(vmap(apply))``: stacked variables and inputs ``[R, n, ...]`` -> logits ``[R, n, C]``."""
     model = models.get_model(config.model, num_classes)
-    return jax.jit(jax.vmap(lambda p, x: model.apply({"params": p}, x, train=False)))
+    return jax.jit(jax.vmap(lambda variables, x: model.apply(variables, x, train=False)))

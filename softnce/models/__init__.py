@@ -44,6 +44,10 @@ register_model("mlp", lazy("softnce.models.mlp:MLP"), ranges={"hidden_sizes": co
 register_model("small_cnn", lazy("softnce.models.cnn:SmallCNN"), ranges={
     "channels": count(1, "channels of each convolutional stage"), "hidden": count(1, "width of the hidden dense layer"),
     "convs_per_stage": count(1, "3x3 convolutions per stage, the first strided"), **_DROPOUT})
+_RESNET = {"stage_sizes": count(1, "blocks per stage"), "width": count(1, "channels of the first stage"),
+           "momentum": fraction_below_one("BatchNorm's running-average momentum")}
+register_model("resnet18", lazy("softnce.models.resnet:resnet18"), ranges=_RESNET)  # BatchNorm: batch_stats
+register_model("resnet50", lazy("softnce.models.resnet:resnet50"), ranges=_RESNET)
 register_model("vit_b16", lazy("softnce.models.vit:vit_b16"), ranges=_VIT)
 register_model("vit_tiny", lazy("softnce.models.vit:vit_tiny"), ranges=_VIT)
 

@@ -37,15 +37,14 @@ small stds. The difference is immaterial for training.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softnce.models.factory import variant
 from softnce.optim import LayerStructure
 
 Dtype = Any
@@ -280,25 +279,8 @@ def layer_ids(params: Any, depth: int) -> Any:
     return jax.tree_util.tree_map_with_path(leaf_id, params)
 
 
-def _variant(name: str, doc: str, **architecture) -> Callable[..., VisionTransformer]:
-    """A factory ``factory(num_classes, **fields)`` of :class:`VisionTransformer` with ``architecture`` as the
-    defaults; its signature lists every field (softnce.registry.keyword_fields reads it)."""
-
-    def factory(num_classes: int, **fields) -> VisionTransformer:
-        return VisionTransformer(num_classes=num_classes, **{**architecture, **fields})
-
-    parameters = [inspect.Parameter("num_classes", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int)]
-    for field in dataclasses.fields(VisionTransformer):
-        if field.init and field.name not in ("num_classes", "parent", "name"):
-            default = architecture.get(field.name, field.default)
-            parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default))
-    factory.__signature__ = inspect.Signature(parameters, return_annotation=VisionTransformer)
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = doc
-    return factory
-
-
-vit_b16 = _variant("vit_b16", "ViT-B/16 (86.6M params): D=768, 12 blocks, 12 heads, MLP 3072, patch 16 (MAE's "
-                   "vit_base_patch16).", patch_size=16, hidden_size=768, depth=12, num_heads=12, mlp_dim=3072)
-vit_tiny = _variant("vit_tiny", "A tiny ViT for tests and CPU smoke runs: patch 4 (8x8 tokens at 32 px), D=32, "
-                    "2 blocks, 2 heads.", patch_size=4, hidden_size=32, depth=2, num_heads=2, mlp_dim=64)
+vit_b16 = variant(VisionTransformer, "vit_b16", "ViT-B/16 (86.6M params): D=768, 12 blocks, 12 heads, MLP 3072, "
+                  "patch 16 (MAE's vit_base_patch16).", patch_size=16, hidden_size=768, depth=12, num_heads=12,
+                  mlp_dim=3072)
+vit_tiny = variant(VisionTransformer, "vit_tiny", "A tiny ViT for tests and CPU smoke runs: patch 4 (8x8 tokens at "
+                   "32 px), D=32, 2 blocks, 2 heads.", patch_size=4, hidden_size=32, depth=2, num_heads=2, mlp_dim=64)
