@@ -143,6 +143,14 @@ def lazy(target: str) -> Callable[..., Any]:
     return call
 
 
+def parameters_of(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    """The parameters of calling ``fn``; for a class, those of its ``__init__`` without ``self`` (a metaclass's
+    ``__call__``, e.g. Flax NNX's, would hide them)."""
+    if isinstance(fn, type):
+        return dict(list(inspect.signature(fn.__init__).parameters.items())[1:])
+    return dict(inspect.signature(fn).parameters)
+
+
 def keyword_fields(fn: Callable[..., Any], *, positional: int, keyword_only: bool = False) -> Optional[dict[str, Any]]:
     """``{name: default}`` of the parameters of ``fn`` after its first ``positional`` ones: the config fields
     of a component called as ``fn(*positional_args, **fields)``.
@@ -155,7 +163,7 @@ def keyword_fields(fn: Callable[..., Any], *, positional: int, keyword_only: boo
     {'width': 64, 'depth': <class 'inspect._empty'>}
     """
     fn = fn.resolve() if hasattr(fn, "resolve") else fn
-    parameters = list(inspect.signature(fn).parameters.values())
+    parameters = list(parameters_of(fn).values())
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return None
     skip = ("parent", "name") if isinstance(fn, type) else ()

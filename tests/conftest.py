@@ -67,7 +67,7 @@ def user_module():
     module = importlib.import_module("user_registrations")
     module.CALLS.clear()
     yield module
-    for registry, names in ((MODELS, ("user_linear", "user_mlp")), (LOSSES, ("user_focal",)),
+    for registry, names in ((MODELS, ("user_linear", "user_mlp", "user_nnx")), (LOSSES, ("user_focal",)),
                             (DATASETS, ("user_blobs", "user_soft_blobs"))):
         for name in names:
             registry.unregister(name)

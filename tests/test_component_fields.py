@@ -150,22 +150,25 @@ def get_config():
 '''
 
 
-def main_command(tmp_path, *args, devices=2):
-    (tmp_path / "user_config.py").write_text(USER_CONFIG)
+def main_command(tmp_path, *args, devices=2, model="user_mlp"):
+    (tmp_path / "user_config.py").write_text(USER_CONFIG.replace('"user_mlp"', repr(model)))
     return [sys.executable, "-m", "softnce.main", "--import_modules=user_registrations",
             f"--config={tmp_path / 'user_config.py'}", *args, f"--num_cpu_devices={devices}",
             f"--workdir={tmp_path / 'run'}"]
 
 
 @pytest.mark.parametrize("devices", [1, 8])
-def test_a_user_module_trains_and_exports_through_the_command_lines(devices, tmp_path, cli_env, user_module):
-    """The user's focal loss (gamma from the command line) and BatchNorm MLP (width from the command line)."""
+@pytest.mark.parametrize("model", ["user_mlp", "user_nnx"])
+def test_a_user_module_trains_and_exports_through_the_command_lines(model, devices, tmp_path, cli_env, user_module):
+    """The user's focal loss (gamma from the command line) and BatchNorm models, Linen and NNX (width from
+    the command line)."""
     env = dict(cli_env, PYTHONPATH=os.path.join(REPO, "tests"))
-    cmd = main_command(tmp_path, "--config.loss.gamma=1.5", "--config.model.width", "24", devices=devices)
+    cmd = main_command(tmp_path, "--config.loss.gamma=1.5", "--config.model.width", "24", devices=devices,
+                       model=model)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     saved = json.load(open(tmp_path / "run" / "config.json"))
-    assert saved["loss"]["gamma"] == 1.5 and saved["model"] == {"name": "user_mlp", "width": 24}
+    assert saved["loss"]["gamma"] == 1.5 and saved["model"] == {"name": model, "width": 24}
     assert np.isfinite(json.load(open(tmp_path / "run" / "metrics.json"))["nll"])
     export = [sys.executable, "-m", "softnce.export", "--import_modules=user_registrations",
               f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'export'}"]

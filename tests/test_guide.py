@@ -50,7 +50,7 @@ def run_example(prefix: str) -> dict:
 
 def test_the_guide_has_its_examples():
     headings = list(guide_sections())
-    assert [h.split(":")[0] for h in headings] == ["Example (a)", "Example (b)", "Example (c)"], headings
+    assert [h.split(":")[0] for h in headings] == ["Example (a)", "Example (b)", "Example (c)", "Example (d)"], headings
 
 
 def test_one_device_example_trains():
@@ -86,6 +86,15 @@ def test_padded_batch_and_checks_example():
     assert np.all(np.asarray(ns["masked"])[real:] == 0)
     assert np.all(np.asarray(ns["grad"])[real:] == 0) and np.all(np.isfinite(ns["grad"]))
     assert "targets row 3 sums to 0.7, not 1" in ns["step_message"]
+
+
+def test_nnx_example_trains_and_keeps_batchnorm_statistics():
+    ns = run_example("Example (d)")
+    losses = np.asarray(ns["train_losses"])
+    assert len(losses) == 300 and np.all(np.isfinite(losses))
+    assert losses[-20:].mean() < losses[:20].mean() - 0.5, (losses[:20].mean(), losses[-20:].mean())
+    assert ns["test_nll"] < ns["initial_test_nll"] / 2 and ns["test_accuracy"] > 0.9
+    assert np.abs(ns["running_mean"]).max() > 1e-2  # BatchNorm's running statistics were trained
 
 
 def test_guide_sections_keep_line_numbers(tmp_path):

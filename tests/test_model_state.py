@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from test_train import small_config
 
 from softnce import checkpointing, distributed, export, export_loader, inference, losses, models, targets, train
@@ -96,3 +97,40 @@ def test_a_resnet_trains_resumes_exactly_and_is_used_with_its_statistics(tmp_pat
     exported = export_loader.load(str(tmp_path / "export"))
     np.testing.assert_allclose(exported.logits(batch["inputs"]), expected, rtol=1e-5, atol=1e-5)
     assert sorted(exported.variables) == ["batch_stats", "params"]
+
+
+def test_an_nnx_model_trains_resumes_exactly_and_is_used_like_a_linen_one(tmp_path, user_module):
+    """tests/user_registrations.py's NNX model (BatchNorm, Dropout, a list of layers) through the trainer."""
+    def config():
+        c = small_config(**{"loss.name": "soft_target_cross_entropy", "augment.cutmix_alpha": 0.0})
+        c.model = ml_collections.ConfigDict(dict(name="user_nnx", width=16, dropout_rate=0.2))
+        return c
+
+    whole = train.train_and_evaluate(config(), str(tmp_path / "whole"))
+    train.train_and_evaluate(config(), str(tmp_path / "resumed"), stop_at_step=8)
+    resumed = train.train_and_evaluate(config(), str(tmp_path / "resumed"))
+    assert resumed["nll"] == whole["nll"] and np.isfinite(whole["nll"]) and whole["top1"] > 0.15  # chance: 0.1
+
+    classifier = inference.load(str(tmp_path / "whole"))
+    again = inference.load(str(tmp_path / "resumed"))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), again.variables,
+                 classifier.variables)
+    assert sorted(classifier.variables) == ["batch_stats", "params"]
+    assert sorted(classifier.variables["params"]["layers"]) == ["0", "1"]  # string keys: the export takes them
+
+    # The classifier is the NNX module itself, in evaluation mode, with the trained state.
+    dataset = get_dataset(config().data)
+    batch = next(dataset.eval_batches(64))
+    module = user_module.NNXNet(10, rngs=nnx.Rngs(0), width=16, dropout_rate=0.2)
+    for collection, variable_type in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
+        state = nnx.state(module, variable_type)
+        pure = jax.tree.map(np.asarray, classifier.variables[collection])
+        pure = {k: ({int(i): v for i, v in sub.items()} if k == "layers" else sub) for k, sub in pure.items()}
+        nnx.replace_by_pure_dict(state, pure)
+        nnx.update(module, state)
+    module.eval()
+    expected = np.asarray(module(jnp.asarray(batch["inputs"])))
+    np.testing.assert_allclose(classifier.logits(batch["inputs"]), expected, rtol=1e-5, atol=1e-5)
+    export.export_classifier(classifier, tmp_path / "export")
+    np.testing.assert_allclose(export_loader.load(str(tmp_path / "export")).logits(batch["inputs"]), expected,
+                               rtol=1e-5, atol=1e-5)

@@ -3,7 +3,8 @@ tests/test_component_fields.py).
 
 It is what ``python -m softnce.main --import_modules=user_registrations`` would import: importing it
 makes ``config.loss.name = 'user_focal'`` (with its field ``config.loss.gamma``), ``config.model.name =
-'user_linear'`` and ``'user_mlp'`` (with its field ``config.model.width``) and ``config.data.name =
+'user_linear'``, ``'user_mlp'`` (Linen, BatchNorm, the field ``config.model.width``) and ``'user_nnx'``
+(Flax NNX, BatchNorm and Dropout, ``width`` too) and ``config.data.name =
 'user_blobs'`` (and ``'user_soft_blobs'``, the blobs with soft targets given with the data) valid.
 """
 
@@ -13,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from softnce import config_checks
 from softnce.data import register_dataset
@@ -58,6 +60,25 @@ class WideMLP(nn.Module):
 
 # The factory's keyword argument width is the model's field config.model.width; its range is declared here.
 register_model("user_mlp", WideMLP, ranges={"width": config_checks.count(1, "units of the hidden layer")})
+
+
+@register_model("user_nnx", ranges={"width": config_checks.count(1, "units of each hidden layer")})
+class NNXNet(nnx.Module):
+    """A Flax NNX model: two hidden layers (a list: integer keys), BatchNorm and Dropout; ``x [B, ...]`` with
+    ``in_features`` values per example. Its keyword arguments besides ``rngs`` are config fields."""
+
+    def __init__(self, num_classes: int, *, rngs: nnx.Rngs, width: int = 32, in_features: int = 64,
+                 dropout_rate: float = 0.1):
+        self.layers = nnx.List([nnx.Linear(in_features, width, rngs=rngs), nnx.Linear(width, width, rngs=rngs)])
+        self.norm = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.head = nnx.Linear(width, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        for layer in self.layers:
+            x = nnx.relu(layer(x))
+        return self.head(self.dropout(nnx.relu(self.norm(x))))
 
 
 @register_loss("user_focal", ranges={"gamma": config_checks.non_negative("the focusing exponent")})
