@@ -16,7 +16,7 @@ Variants (``key=value`` after the colon):
 The image pipeline is the recipe's (softnce.data.images: random resized crop, flip, RandAugment, random
 erasing) at the native size. AdamW, lr = 2e-3 * batch / 256 after 5 warm-up epochs, half-cosine to 1e-6,
 weight decay 0.05, temperature 1: a starting point, not tuned here. BatchNorm's running statistics are the
-model's state (softnce.train.TrainState): averaged over the devices after every step, checkpointed with
+model's state (softnce.steps.TrainState): averaged over the devices after every step, checkpointed with
 the run and used by evaluation, inference and the export.
 """
 

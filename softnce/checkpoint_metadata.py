@@ -207,3 +207,38 @@ def read_run_config(workdir):
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; is {workdir} the workdir of a softnce run?")
     return to_config(json.loads(path.read_text()))
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No such run, checkpoint directory or step."""
+
+
+def locate(path, step: Optional[int] = None) -> tuple[Any, Any, int]:
+    """``(workdir or None, checkpoints dir, step)`` for a workdir, its ``checkpoints`` dir or one step dir.
+
+    ``step=None`` picks the latest finished checkpoint.
+    """
+    from softnce import checkpointing
+
+    path = checkpointing.resolve(path)
+    if (path / "checkpoints").is_dir():
+        workdir, ckpt_dir = path, path / "checkpoints"
+    elif path.name.isdigit() and (path / "default").is_dir():
+        workdir, ckpt_dir = path.parent.parent, path.parent
+        if step is not None and int(step) != int(path.name):
+            raise CheckpointNotFoundError(f"{path} is the checkpoint of step {path.name}, not of step {step}.")
+        step = int(path.name)
+    elif path.is_dir():
+        workdir, ckpt_dir = path.parent, path
+    else:
+        raise CheckpointNotFoundError(f"{path} does not exist (give a run's workdir or one of its checkpoints).")
+    steps = sorted(checkpointing.read_only_manager(ckpt_dir).all_steps())
+    if not steps:
+        raise CheckpointNotFoundError(f"no finished checkpoint in {ckpt_dir}.")
+    if step is None:
+        step = steps[-1]
+    elif int(step) not in steps:
+        raise CheckpointNotFoundError(
+            f"no checkpoint of step {step} in {ckpt_dir}; the saved steps are {', '.join(map(str, steps))}."
+        )
+    return (workdir if (workdir / "config.json").exists() else None), ckpt_dir, int(step)

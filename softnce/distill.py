@@ -29,9 +29,9 @@ The teacher is either
   ``.msgpack`` file of ``flax.serialization.to_bytes(params)``.
 
 Everything is checked before training: a teacher given twice or an unknown model
-(:func:`check_config`, from ``softnce.train.validate_config``), then, when the trainer starts and
+(:func:`check_config`, from ``softnce.assembly.validate_config``), then, when the trainer starts and
 before it writes anything, a missing workdir or file, a teacher with another number of classes or
-other inputs, or parameters that do not fit its model (:func:`load_teacher`).
+other inputs, or parameters that do not fit its model (:func:`softnce.assembly.load_teacher`).
 
 Every registered loss trains with a teacher. The hard-label losses (``nll``, ``infonce``,
 ``soft_distribution_infonce_premix``) read only the labels, so for them the teacher changes nothing;
@@ -56,7 +56,7 @@ import numpy as np
 from etils import epath
 from flax import serialization, traverse_util
 
-from softnce import checkpoint_metadata, checkpointing, models
+from softnce import checkpoint_metadata, models
 from softnce.config_checks import ConfigError
 
 Params = Any
@@ -98,8 +98,8 @@ class Teacher:
 
 
 class LoadedTeacher(NamedTuple):
-    """:func:`load_teacher`'s result: the :class:`Teacher` and its variables (``{'params', **model_state}``, host
-    numpy arrays)."""
+    """:func:`softnce.assembly.load_teacher`'s result: the :class:`Teacher` and its variables
+    (``{'params', **model_state}``, host numpy arrays)."""
 
     teacher: Teacher
     variables: Variables
@@ -130,9 +130,9 @@ def check_config(config: ml_collections.ConfigDict, *, files: bool = True) -> No
 
     The teacher is given once (a workdir, or a model with a parameters file) and its model is
     registered; with ``files`` also that the workdir holds a finished checkpoint (of
-    ``teacher_step``, if given) and the parameters file exists. ``softnce.train.validate_config``
+    ``teacher_step``, if given) and the parameters file exists. ``softnce.assembly.validate_config``
     checks without ``files`` (evaluating a distilled student needs no teacher); the trainer checks
-    them before any work (:func:`load_teacher`). The numbers (``tau``, ``beta``, ``teacher_step``)
+    them before any work (:func:`softnce.assembly.load_teacher`). The numbers (``tau``, ``beta``, ``teacher_step``)
     are checked by :func:`softnce.config_checks.check_config`.
     """
     distill = _section(config)
@@ -164,10 +164,8 @@ def check_config(config: ml_collections.ConfigDict, *, files: bool = True) -> No
     if not files:
         return
     if workdir:
-        from softnce import inference
-
         try:
-            inference.locate(workdir, distill.get("teacher_step"))
+            checkpoint_metadata.locate(workdir, distill.get("teacher_step"))
         except FileNotFoundError as error:
             raise ConfigError(f"config.distill.teacher_workdir={workdir!r}: {error}") from None
     if params_file:
@@ -244,92 +242,6 @@ def load_params(path: str, abstract: Params, *, what: str = "config.distill.teac
 # --------------------------------------------------------------------------------------------------
 # Loading a teacher for a dataset.
 # --------------------------------------------------------------------------------------------------
-
-
-def _input_description(shape, dtype, transform) -> str:
-    text = f"inputs {list(shape)} {dtype}"
-    if transform is not None:
-        text += f" with the eval transform {transform}"
-    return text
-
-
-def _abstract_variables(model, example_shape, what: str) -> Variables:
-    from softnce import inference
-
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    try:
-        return inference.abstract_variables(model, example_shape, device)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{what}: the teacher model does not take inputs of shape {tuple(example_shape)}: "
-                          f"{' '.join(str(error).split())}") from None
-
-
-def _from_workdir(config: ml_collections.ConfigDict, dataset) -> tuple[Any, Variables, str]:
-    """The teacher model and variables of a softnce run, checked against ``dataset``."""
-    from softnce import inference
-
-    distill = config.distill
-    what = f"config.distill.teacher_workdir={distill.teacher_workdir!r}"
-    try:
-        workdir, ckpt_dir, step = inference.locate(distill.teacher_workdir, distill.get("teacher_step"))
-        metadata, _ = inference.checkpoint_info(workdir, ckpt_dir, step)
-    except (FileNotFoundError, checkpoint_metadata.MetadataError) as error:
-        raise ConfigError(f"{what}: {error}") from None
-    if int(metadata["num_classes"]) != dataset.num_classes:
-        raise ConfigError(
-            f"{what}: the teacher has {metadata['num_classes']} classes, the student's dataset "
-            f"{config.data.name!r} has {dataset.num_classes}; distil from a teacher of the same classes."
-        )
-    teacher_input = (list(metadata["input"]["shape"]), metadata["input"]["dtype"], metadata["input"]["transform"])
-    student_input = (
-        [int(d) for d in dataset.example_shape],
-        str(np.dtype(getattr(dataset, "input_dtype", "float32"))),
-        checkpoint_metadata.transform_spec(dataset.device_eval_transform),
-    )
-    if teacher_input != student_input:
-        raise ConfigError(
-            f"{what}: the teacher was trained on {_input_description(*teacher_input)}, the student's "
-            f"dataset gives {_input_description(*student_input)}; the teacher sees the student's inputs, so "
-            "both must come from the same input pipeline."
-        )
-    run_config = checkpoint_metadata.to_config(metadata["config"])
-    model = models.get_model(teacher_model_config(run_config.model, config), dataset.num_classes)
-    abstract = _abstract_variables(model, dataset.example_shape, what)
-    variables = checkpointing.restore_variables_only(ckpt_dir, step, abstract)
-    description = f"the run {workdir or ckpt_dir}, step {step} ({run_config.model.name}, {run_config.loss.name})"
-    return model, variables, description
-
-
-def _from_params_file(config: ml_collections.ConfigDict, dataset) -> tuple[Any, Variables, str]:
-    """A registered model with a parameters file, checked against ``dataset``."""
-    distill = config.distill
-    what = f"config.distill.teacher_params={distill.teacher_params!r}"
-    model = models.get_model(teacher_model_config(distill.teacher_model, config), dataset.num_classes)
-    abstract = _abstract_variables(model, dataset.example_shape, what)
-    state = sorted(k for k in abstract if k != "params")
-    if state:
-        raise ConfigError(f"{what}: the teacher model {distill.teacher_model.name!r} keeps state ({', '.join(state)}) "
-                          "that a parameters file does not hold; give its run as config.distill.teacher_workdir.")
-    params = load_params(distill.teacher_params, abstract["params"])
-    return model, {"params": params}, f"{distill.teacher_model.name} with the parameters {distill.teacher_params}"
-
-
-def load_teacher(config: ml_collections.ConfigDict, dataset) -> Optional[LoadedTeacher]:
-    """The teacher of ``config.distill`` for ``dataset`` (``None`` when no teacher is named).
-
-    Raises :class:`ConfigError` for a teacher with another number of classes or other inputs than
-    ``dataset``, or parameters that do not fit its model. The parameters come back as host arrays.
-    """
-    if not enabled(config):
-        return None
-    check_config(config)
-    if config.distill.get("teacher_workdir"):
-        model, variables, description = _from_workdir(config, dataset)
-    else:
-        model, variables, description = _from_params_file(config, dataset)
-    teacher = Teacher(model=model, tau=float(config.distill.tau), beta=float(config.distill.beta),
-                      description=description)
-    return LoadedTeacher(teacher, jax.device_get(variables))
 
 
 def describe(loaded: LoadedTeacher, config: ml_collections.ConfigDict) -> str:

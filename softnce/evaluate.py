@@ -11,7 +11,7 @@ split (default: the run's test split, the one the trainer reports; ``validation`
 was fitted on) at the training temperature and at the checkpoint's ``t*``, and writes
 ``metrics.json``, ``eval_sums.json``, ``eval_sums_calibrated.json``, ``reliability.png`` and
 ``eval_config.json`` to ``W/eval/<split>-<step>/``. The numbers are those of the end-of-training
-evaluation (the same eval step, :func:`softnce.train.evaluate`, the same batches), on any number
+evaluation (the same eval step, :func:`softnce.evaluation.evaluate`, the same batches), on any number
 of devices and processes.
 
 ``--config.data.<field>=<value>`` evaluates another split or a compatible dataset (the same number
@@ -88,7 +88,7 @@ def evaluate_checkpoint(
     """
     import jax
 
-    from softnce import checkpointing, distributed, inference, train
+    from softnce import assembly, checkpointing, distributed, evaluation
     from softnce.config_checks import ConfigError
 
     run_config = checkpoint_metadata.read_run_config(workdir)
@@ -98,13 +98,13 @@ def evaluate_checkpoint(
             raise ConfigError(f"only config.data can differ from the run's config when evaluating, not config.{group}.")
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
-    train.validate_config(config)
+    assembly.validate_config(config)
     mesh = distributed.make_mesh()
     local_eval_batch = distributed.check_batch_size(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
-    run_dir, ckpt_dir, step = inference.locate(workdir, step)
-    dataset, model = train.make_dataset_and_model(config)
+    run_dir, ckpt_dir, step = checkpoint_metadata.locate(workdir, step)
+    dataset, model = assembly.make_dataset_and_model(config)
     same_data = config.data.to_dict() == run_config.data.to_dict()
-    metadata, _ = inference.checkpoint_info(run_dir, ckpt_dir, step, dataset=dataset if same_data else None)
+    metadata, _ = assembly.checkpoint_info(run_dir, ckpt_dir, step, dataset=dataset if same_data else None)
     saved_shape = tuple(metadata["input"]["shape"])
     if dataset.num_classes != metadata["num_classes"] or tuple(dataset.example_shape) != saved_shape:
         raise ConfigError(
@@ -113,10 +113,10 @@ def evaluate_checkpoint(
             f"the checkpoint was trained on {metadata['num_classes']} classes and inputs {saved_shape}."
         )
     variables = checkpointing.restore_variables_only(
-        ckpt_dir, step, inference.abstract_variables(model, dataset.example_shape, distributed.replicated(mesh))
+        ckpt_dir, step, assembly.abstract_variables(model, dataset.example_shape, distributed.replicated(mesh))
     )
-    eval_fn, logits_fn = train.make_eval_fns(mesh, model, dataset)
-    summary, sums = train.evaluate(eval_fn, variables, split_batches(dataset, split, local_eval_batch), mesh,
+    eval_fn, logits_fn = assembly.make_eval_fns(mesh, model, dataset)
+    summary, sums = evaluation.evaluate(eval_fn, variables, split_batches(dataset, split, local_eval_batch), mesh,
                                    config.loss.temperature)
     summary = dict(summary, step=step, split=split)
     t_star, source = metadata.get("t_star"), "checkpoint"
@@ -125,11 +125,11 @@ def evaluate_checkpoint(
     if refit_temperature:
         if not dataset.num_validation_examples:
             raise ConfigError("--refit_temperature needs a validation split (config.data.validation_fraction > 0).")
-        t_star = train.fit_validation_temperature(logits_fn, variables, dataset, local_eval_batch, mesh)
+        t_star = evaluation.fit_validation_temperature(logits_fn, variables, dataset, local_eval_batch, mesh)
         source = "refit"
     calibrated_sums = None
     if t_star is not None:
-        calibrated, calibrated_sums = train.evaluate(
+        calibrated, calibrated_sums = evaluation.evaluate(
             eval_fn, variables, split_batches(dataset, split, local_eval_batch), mesh, t_star
         )
         summary.update(temperature=float(t_star), nll_calibrated=calibrated["nll"], ece_calibrated=calibrated["ece"],
@@ -137,7 +137,7 @@ def evaluate_checkpoint(
     out = checkpointing.resolve(workdir) / "eval" / f"{name or output_label(split, config, run_config)}-{step}"
     if jax.process_index() == 0:
         title = f"{config.data.name} {split}, step {step}"
-        train.write_results(out, config, summary, sums, calibrated_sums, title=title)
+        evaluation.write_results(out, config, summary, sums, calibrated_sums, title=title)
         (out / "eval_config.json").write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2,
                                                          sort_keys=True))
         shown = {k: v for k, v in summary.items() if isinstance(v, float)}
@@ -209,13 +209,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
     import importlib
 
-    from softnce import distributed, train
+    from softnce import assembly, distributed
     from softnce.config_checks import ConfigError
 
     for module in filter(None, args.import_modules.split(",")):
         importlib.import_module(module)
     try:
-        train.validate_config(config)
+        assembly.validate_config(config)
     except ConfigError as error:
         cli.fail(error)
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)

@@ -1,17 +1,10 @@
-"""Evaluation metrics: top-1, top-5, NLL, expected calibration error and reliability diagrams.
+"""The evaluation passes over a split: metric sums, logits, the fitted temperature ``t*`` and the result files.
 
-Prediction follows the reference: the class is ``argmax(z / t)`` and the probabilities are
-``softmax(z / t)``; the noise prior ``log(eta)`` is not subtracted at test time.
-
-Metrics are accumulated as sums over batches (``metric_sums``), so padded examples (``mask`` False)
-are left out exactly and the result does not depend on how the data is split into batches or devices.
-
-Expected calibration error (ECE) uses ``B = 15`` equal-width confidence bins: example ``i`` with
-confidence ``p_i = max_c softmax(z_i / t)[c]`` falls in bin ``b = min(floor(p_i * B), B - 1)``, and::
-
-    ECE = sum_b (n_b / n) * | acc_b - conf_b |
-
-with ``n_b`` the examples in bin ``b``, ``acc_b`` their accuracy and ``conf_b`` their mean confidence.
+Each pass runs a sharded step of :mod:`softnce.steps` over a dataset's batches on the mesh and sums on
+the host (:mod:`softnce.metrics`), so the result does not depend on the number of devices or processes.
+Post-hoc calibration: one temperature ``t*`` is fitted on the validation split's NLL
+(:func:`fit_validation_temperature`, :func:`softnce.metrics.fit_temperature`); the test split is never
+used to fit anything.
 """
 
 from __future__ import annotations
@@ -21,168 +14,70 @@ from softnce import _extras
 if _extras.MISSING_TRAIN:
     raise _extras.missing_extra("train", __name__)
 
-import io
-from typing import Optional
+import json
+from typing import Iterator, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from etils import epath
+from jax.sharding import Mesh
 
-NUM_CALIBRATION_BINS = 15
-
-
-def metric_sums(
-    logits: jax.Array,
-    labels: jax.Array,
-    mask: Optional[jax.Array] = None,
-    *,
-    temperature: float = 1.0,
-    num_bins: int = NUM_CALIBRATION_BINS,
-) -> dict[str, jax.Array]:
-    """Per-batch sums from which every evaluation metric is computed (jittable).
-
-    Args:
-      logits: ``[N, C]``; labels: int ``[N]``; mask: bool ``[N]`` (False on padding) or ``None``.
-
-    Returns:
-      ``count``, ``correct_top1``, ``correct_top5``, ``nll`` (scalars) and ``bin_count``,
-      ``bin_confidence``, ``bin_correct`` (``[num_bins]``), all summed over unmasked examples.
-    """
-    if mask is None:
-        mask = jnp.ones(labels.shape, bool)
-    weight = mask.astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    label_log_prob = jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-    k = min(5, logits.shape[-1])
-    top_k = jax.lax.top_k(log_probs, k)[1]
-    correct1 = (top_k[:, 0] == labels).astype(jnp.float32)
-    correct5 = jnp.any(top_k == labels[:, None], axis=-1).astype(jnp.float32)
-    confidence = jnp.exp(jnp.max(log_probs, axis=-1))
-    bins = jnp.clip(jnp.floor(confidence * num_bins).astype(jnp.int32), 0, num_bins - 1)
-    one_hot_bins = jax.nn.one_hot(bins, num_bins) * weight[:, None]
-    return {
-        "count": weight.sum(),
-        "correct_top1": (correct1 * weight).sum(),
-        "correct_top5": (correct5 * weight).sum(),
-        "nll": -(label_log_prob * weight).sum(),
-        "bin_count": one_hot_bins.sum(0),
-        "bin_confidence": (one_hot_bins * confidence[:, None]).sum(0),
-        "bin_correct": (one_hot_bins * correct1[:, None]).sum(0),
-    }
+from softnce import distributed, metrics
+from softnce.data.base import Dataset
+from softnce.steps import EvalStepFn, LogitsStepFn, Variables
 
 
-def add_sums(a: Optional[dict], b: dict) -> dict:
-    """Adds two ``metric_sums`` dicts (``a`` may be ``None``), on the host in float64."""
-    b = {k: np.asarray(v, np.float64) for k, v in b.items()}
-    return b if a is None else {k: a[k] + b[k] for k in a}
+def evaluate(eval_fn: EvalStepFn, variables: Variables, batches: Iterator[dict], mesh: Mesh,
+             temperature: float) -> tuple[dict, dict]:
+    """One pass over ``batches`` at ``temperature``; returns ``(summary, sums)`` (padding excluded)."""
+    sums = None
+    t = jnp.float32(temperature)
+    for batch in batches:
+        sums = metrics.add_sums(sums, jax.device_get(eval_fn(variables, distributed.global_batch(mesh, batch), t)))
+    return metrics.summarize(sums), sums
 
 
-def expected_calibration_error(bin_count, bin_confidence, bin_correct) -> float:
-    """ECE from per-bin sums (see the module docstring)."""
-    bin_count = np.asarray(bin_count, np.float64)
-    n = bin_count.sum()
-    if n == 0:
-        raise ValueError("expected_calibration_error: no examples were counted.")
-    gap = np.abs(np.asarray(bin_correct, np.float64) - np.asarray(bin_confidence, np.float64))
-    return float(gap.sum() / n)  # sum_b n_b/n * |acc_b - conf_b| = sum_b |correct_b - conf_sum_b| / n
+def collect_logits(
+    logits_fn: LogitsStepFn, variables: Variables, batches: Iterator[dict], mesh: Mesh
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``[n, C]`` and labels ``[n]`` of one pass over ``batches`` on every process (padding dropped)."""
+    from jax.experimental import multihost_utils
+
+    parts = []
+    for batch in batches:
+        out = logits_fn(variables, distributed.global_batch(mesh, batch))
+        if jax.process_count() > 1:
+            out = multihost_utils.process_allgather(out, tiled=True)
+        logits, labels, mask = (np.asarray(x) for x in jax.device_get(out))
+        parts.append((logits[mask], labels[mask]))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def summarize(sums: dict) -> dict[str, float]:
-    """Turns accumulated ``metric_sums`` into ``top1``, ``top5``, ``nll`` (mean) and ``ece``."""
-    n = float(sums["count"])
-    if n == 0:
-        raise ValueError("summarize: the evaluation saw no examples (is the eval split empty?).")
-    return {
-        "top1": float(sums["correct_top1"]) / n,
-        "top5": float(sums["correct_top5"]) / n,
-        "nll": float(sums["nll"]) / n,
-        "ece": expected_calibration_error(sums["bin_count"], sums["bin_confidence"], sums["bin_correct"]),
-        "num_examples": n,
-    }
+def fit_validation_temperature(logits_fn: LogitsStepFn, variables: Variables, dataset: Dataset,
+                               local_eval_batch: int, mesh: Mesh) -> float:
+    """``t*``: the temperature minimising the NLL of the model's ``variables`` on ``dataset``'s validation split."""
+    batches = dataset.validation_batches(local_eval_batch)
+    val_logits, val_labels = collect_logits(logits_fn, variables, batches, mesh)
+    return metrics.fit_temperature(val_logits, val_labels)
 
 
-def fit_temperature(logits, labels, *, bounds: tuple[float, float] = (1e-3, 50.0)) -> float:
-    """The temperature ``t`` minimising the NLL of ``softmax(z / t)`` on hard ``labels`` (post-hoc scaling).
-
-    With ``beta = 1 / t`` the NLL ``mean_i [logsumexp_c(beta z_ic) - beta z_i,y_i]`` is convex in
-    ``beta`` (a log-sum-exp of linear functions minus a linear function), so scipy's bounded Brent
-    search on ``beta in bounds`` returns the global minimum there. Computed in float64.
-
-    Args:
-      logits: ``[n, C]`` (already divided by nothing: raw model outputs); labels: int ``[n]``.
-
-    Returns:
-      ``t = 1 / beta*`` as a Python float. When the minimum lies on a bound (e.g. a validation split
-      the model classifies without error, where the NLL keeps falling as ``t -> 0``), the bound is
-      returned with a ``RuntimeWarning``.
-    """
-    from scipy.optimize import minimize_scalar
-    from scipy.special import logsumexp
-
-    z = np.asarray(logits, np.float64)
-    labels = np.asarray(labels)
-    if z.ndim != 2 or labels.shape != (z.shape[0],) or z.shape[0] == 0:
-        raise ValueError(
-            f"fit_temperature needs logits [n, C] and labels [n] with n > 0, got {z.shape} and {labels.shape}."
-        )
-    z_label = np.take_along_axis(z, labels[:, None].astype(np.int64), axis=1)[:, 0]
-
-    def nll(beta):
-        return float(np.mean(logsumexp(beta * z, axis=1) - beta * z_label))
-
-    result = minimize_scalar(nll, bounds=bounds, method="bounded", options={"xatol": 1e-6})
-    if min(abs(result.x - bounds[0]), abs(result.x - bounds[1])) < 1e-3 * max(1.0, abs(result.x)):
-        import warnings
-
-        warnings.warn(
-            f"fit_temperature: the NLL has no minimum inside 1/t in {bounds} (t* = {1.0 / result.x:.4g} is the "
-            f"bound); with {len(labels)} examples the fit is unreliable (too few errors or a separable split); "
-            "use a larger validation split.",
-            RuntimeWarning, stacklevel=2,
-        )
-    return float(1.0 / result.x)
+def write_results(directory: epath.Path, config: ml_collections.ConfigDict, summary: dict, sums: dict,
+                  calibrated_sums: Optional[dict], *, title: Optional[str] = None) -> None:
+    """Writes ``metrics.json`` (``summary``), ``eval_sums.json``, ``eval_sums_calibrated.json`` (at
+    ``summary['temperature']``, if given) and ``reliability.png`` to ``directory`` (call on process 0)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "metrics.json", summary)
+    write_json(directory / "eval_sums.json", {k: np.asarray(v).tolist() for k, v in sums.items()})
+    panels = {f"{config.loss.name} (t = {config.loss.temperature:g})": sums}
+    if calibrated_sums is not None:
+        write_json(directory / "eval_sums_calibrated.json",
+                    {k: np.asarray(v).tolist() for k, v in calibrated_sums.items()})
+        panels[f"calibrated (t* = {summary['temperature']:.3g})"] = calibrated_sums
+    metrics.plot_reliability_diagram(panels, str(directory / "reliability.png"), title=title or config.data.name)
 
 
-def plot_reliability_diagram(sums_by_name: dict[str, dict], path: str, *, title: str = "") -> str:
-    """Writes a reliability diagram PNG (accuracy and mean confidence per bin, one panel per run).
-
-    Args:
-      sums_by_name: ``{label: metric_sums}`` accumulated over the evaluation set.
-      path: output ``.png`` path, local or ``gs://`` (written through ``etils.epath``).
-    """
-    from softnce import plotting
-
-    plt = plotting.pyplot()
-    names = list(sums_by_name)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        s = sums_by_name[name]
-        count = np.asarray(s["bin_count"], np.float64)
-        num_bins = count.size
-        edges = np.linspace(0, 1, num_bins + 1)
-        centers = (edges[:-1] + edges[1:]) / 2
-        with np.errstate(invalid="ignore", divide="ignore"):
-            acc = np.where(count > 0, np.asarray(s["bin_correct"]) / count, np.nan)
-            conf = np.where(count > 0, np.asarray(s["bin_confidence"]) / count, np.nan)
-        ax.bar(centers, np.nan_to_num(acc), width=1 / num_bins, edgecolor="k", alpha=0.7, label="accuracy")
-        ax.plot(centers, conf, "r.", label="mean confidence")
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
-        ece = expected_calibration_error(s["bin_count"], s["bin_confidence"], s["bin_correct"])
-        ax.set_title(f"{name}\nECE {ece:.3f}", fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence")
-    axes[0][0].set_ylabel("accuracy")
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    from softnce.checkpointing import resolve
-
-    target = resolve(path)  # local or gs://
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(png.getvalue())
-    return path
+def write_json(path, obj) -> None:
+    """Writes ``obj`` as JSON to ``path`` (an ``epath.Path``: local or ``gs://``)."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))

@@ -36,7 +36,7 @@ is rebuilt from the run's ``config.json`` and its dataset, and ``t*`` is taken f
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -160,10 +160,10 @@ class Classifier:
         return np.argmax(self.logits(x), axis=-1)
 
     def fit_temperature(self, x, labels) -> float:
-        """Fits ``t*`` on ``(x, labels)`` (:func:`softnce.evaluation.fit_temperature`), keeps and returns it."""
-        from softnce import evaluation
+        """Fits ``t*`` on ``(x, labels)`` (:func:`softnce.metrics.fit_temperature`), keeps and returns it."""
+        from softnce import metrics
 
-        t_star = evaluation.fit_temperature(self.logits(x), np.asarray(labels))
+        t_star = metrics.fit_temperature(self.logits(x), np.asarray(labels))
         self.metadata["t_star"] = t_star
         return t_star
 
@@ -190,70 +190,6 @@ def preprocess_images(images: Iterable[Any], image_size: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-class CheckpointNotFoundError(FileNotFoundError):
-    """No such run, checkpoint directory or step."""
-
-
-def locate(path, step: Optional[int] = None) -> tuple[Any, Any, int]:
-    """``(workdir or None, checkpoints dir, step)`` for a workdir, its ``checkpoints`` dir or one step dir.
-
-    ``step=None`` picks the latest finished checkpoint.
-    """
-    path = checkpointing.resolve(path)
-    if (path / "checkpoints").is_dir():
-        workdir, ckpt_dir = path, path / "checkpoints"
-    elif path.name.isdigit() and (path / "default").is_dir():
-        workdir, ckpt_dir = path.parent.parent, path.parent
-        if step is not None and int(step) != int(path.name):
-            raise CheckpointNotFoundError(f"{path} is the checkpoint of step {path.name}, not of step {step}.")
-        step = int(path.name)
-    elif path.is_dir():
-        workdir, ckpt_dir = path.parent, path
-    else:
-        raise CheckpointNotFoundError(f"{path} does not exist (give a run's workdir or one of its checkpoints).")
-    steps = sorted(checkpointing.read_only_manager(ckpt_dir).all_steps())
-    if not steps:
-        raise CheckpointNotFoundError(f"no finished checkpoint in {ckpt_dir}.")
-    if step is None:
-        step = steps[-1]
-    elif int(step) not in steps:
-        raise CheckpointNotFoundError(
-            f"no checkpoint of step {step} in {ckpt_dir}; the saved steps are {', '.join(map(str, steps))}."
-        )
-    return (workdir if (workdir / "config.json").exists() else None), ckpt_dir, int(step)
-
-
-def checkpoint_info(workdir, ckpt_dir, step: int, *, dataset=None) -> tuple[dict, Any]:
-    """``(metadata, dataset or None)`` of checkpoint ``step``: saved, or rebuilt for an older checkpoint.
-
-    Rebuilding needs the run's ``config.json`` and dataset (built here unless ``dataset`` is given).
-    """
-    metadata = checkpoint_metadata.read(ckpt_dir, step)
-    if metadata is not None:
-        return metadata, dataset
-    if workdir is None:
-        raise checkpoint_metadata.MetadataError(
-            f"checkpoint {step} in {ckpt_dir} has no softnce metadata (saved by an older softnce) and there is "
-            "no config.json beside it; load it from its run's workdir."
-        )
-    from softnce import train
-
-    config = checkpoint_metadata.read_run_config(workdir)
-    if dataset is None:
-        dataset, _ = train.make_dataset_and_model(config)
-    metadata = checkpoint_metadata.legacy(workdir, config, dataset, train.noise_prior(config, dataset), step)
-    return metadata, dataset
-
-
-def abstract_variables(model, example_shape: Sequence[int], sharding) -> dict:
-    """The shapes and dtypes of ``model``'s variables (``params`` and its state; no computation), each with
-    ``sharding``."""
-    shapes = dict(jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *example_shape), jnp.float32), train=False)
-    ))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
-
-
 def load(path, step: Optional[int] = None) -> Classifier:
     """The classifier of checkpoint ``step`` (default: the latest) of a run.
 
@@ -262,21 +198,19 @@ def load(path, step: Optional[int] = None) -> Classifier:
         (``<workdir>/checkpoints/<step>``: the checkpoint alone is enough).
       step: the checkpoint step (``None``: the latest; must match a step directory's own).
     """
-    from softnce import models
+    from softnce import assembly, models
 
-    workdir, ckpt_dir, step = locate(path, step)
-    metadata, dataset = checkpoint_info(workdir, ckpt_dir, step)
+    workdir, ckpt_dir, step = checkpoint_metadata.locate(path, step)
+    metadata, dataset = assembly.checkpoint_info(workdir, ckpt_dir, step)
     config = checkpoint_metadata.to_config(metadata["config"])
     model = models.get_model(config.model, metadata["num_classes"])
     spec = metadata["input"]["transform"]
     transform = checkpoint_metadata.make_transform(spec)
     if spec is not None and spec.get("kind") == "dataset":  # a transform of the dataset's own: build it
         if dataset is None:
-            from softnce import train
-
-            dataset, _ = train.make_dataset_and_model(config)
+            dataset, _ = assembly.make_dataset_and_model(config)
         transform = dataset.device_eval_transform
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = abstract_variables(model, metadata["input"]["shape"], device)
+    target = assembly.abstract_variables(model, metadata["input"]["shape"], device)
     variables = checkpointing.restore_variables_only(ckpt_dir, step, target)
     return Classifier(model, variables, metadata, transform)

@@ -80,7 +80,7 @@ def main(argv) -> None:
 
     import importlib
 
-    from softnce import distributed, train
+    from softnce import assembly, distributed, train
     from softnce.checkpointing import CheckpointError
     from softnce.config_checks import ConfigError
     from softnce.data.base import DataError, DataNotPreparedError
@@ -88,7 +88,7 @@ def main(argv) -> None:
     for module in _IMPORTS.value:
         importlib.import_module(module)  # e.g. a module of the user's that calls losses.register_loss
     try:
-        train.validate_config(config)  # names and numbers: before any data is read
+        assembly.validate_config(config)  # names and numbers: before any data is read
     except ConfigError as error:
         cli.fail(error)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -17,7 +17,7 @@ import pytest
 from test_reliability import bad_values
 from test_train import REPO, latest_params, small_config
 
-from softnce import config_checks, losses, models, train
+from softnce import assembly, config_checks, losses, models, train
 from softnce.losses import LossInputs
 
 
@@ -40,11 +40,11 @@ def test_a_loss_field_set_in_the_config_reaches_the_loss(user_module):
     spec = losses.get_loss("user_focal")
     assert spec.fields == {"gamma": 2.0}
     config = small_config(**{"loss.name": "user_focal"})
-    train.validate_config(config)  # gamma unset: the parameter's default
+    assembly.validate_config(config)  # gamma unset: the parameter's default
     np.testing.assert_allclose(spec.bind(config.loss)(jnp.asarray(logits, jnp.float32), inputs_of(targets)),
                                focal_reference(logits, targets, 2.0), rtol=1e-5)
     config.loss.gamma = 1.5
-    train.validate_config(config)
+    assembly.validate_config(config)
     bound = spec.bind(config.loss)(jnp.asarray(logits, jnp.float32), inputs_of(targets))
     np.testing.assert_allclose(bound, focal_reference(logits, targets, 1.5), rtol=1e-5)
     assert not np.allclose(bound, focal_reference(logits, targets, 2.0), rtol=1e-3)
@@ -68,7 +68,7 @@ def test_the_field_reaches_the_train_step(tmp_path, user_module):
 
 def message_of(config) -> str:
     with pytest.raises(config_checks.ConfigError) as error:
-        train.validate_config(config)
+        assembly.validate_config(config)
     message = str(error.value)
     assert "\n" not in message
     return message
@@ -100,7 +100,7 @@ def test_declared_ranges_and_undeclared_fields(user_module, register_for_test):
     assert message_of(config) == ("config.model.width = 0 is out of range: must be an integer >= 1 "
                                   "(units of the hidden layer).")
     config.model.width = 48
-    train.validate_config(config)
+    assembly.validate_config(config)
     assert models.get_model(config.model, 3).width == 48
 
     def margin_loss(logits, inputs, *, margin, scale=1.0):  # no ranges declared; margin has no default
@@ -110,7 +110,7 @@ def test_declared_ranges_and_undeclared_fields(user_module, register_for_test):
     config = small_config(**{"loss.name": "margin"})
     assert message_of(config) == ("config.loss needs margin: loss 'margin' takes it without a default.")
     config.loss.margin = 0.3
-    train.validate_config(config)  # any finite number
+    assembly.validate_config(config)  # any finite number
     config.loss.scale = math.inf
     assert message_of(config) == ("config.loss.scale = inf is out of range: must be a number (finite) "
                                   "(a field of loss 'margin').")

@@ -43,7 +43,7 @@ def test_core_works_with_the_train_extra_hidden():
 
 
 @pytest.mark.parametrize("module", ["softnce.train", "softnce.main", "softnce.data", "softnce.models",
-                                    "softnce.evaluation", "softnce.checkpointing", "softnce.experiments.toy"])
+                                    "softnce.metrics", "softnce.checkpointing", "softnce.experiments.toy"])
 def test_a_module_of_the_train_extra_names_the_extra(module):
     proc = _python(HIDE_TRAIN + f"import {module}")
     assert proc.returncode == 1

@@ -16,7 +16,7 @@ import optax
 import pytest
 from test_train import REPO, latest_params, small_config
 
-from softnce import distill, distributed, losses, models, targets, train
+from softnce import assembly, distill, distributed, losses, models, steps, targets, train
 from softnce.config_checks import ConfigError
 from softnce.data import DATASETS, get_dataset
 from softnce.data.arrays import ArrayDataset
@@ -72,12 +72,12 @@ def test_targets_equal_the_formula_on_the_same_mixed_batch(teacher_dir):
     """a = (1 - beta) a_recipe + beta softmax(z_teacher / tau), the teacher on the mixed inputs, against
     numpy: the teacher's checkpoint read with orbax and its MLP evaluated in float64."""
     config = student_config(teacher_dir, **{"distill.beta": 0.3, "distill.tau": 2.0})
-    loaded = distill.load_teacher(config, get_dataset(config.data))
+    loaded = assembly.load_teacher(config, get_dataset(config.data))
     _, teacher_params = latest_params(str(teacher_dir))
     batch = digits_batch()
     mix_config = targets.MixConfig.from_config(config.augment)
     rng = jax.random.PRNGKey(5)
-    make = jax.jit(functools.partial(train.make_targets, num_classes=10, mix_config=mix_config,
+    make = jax.jit(functools.partial(steps.make_targets, num_classes=10, mix_config=mix_config,
                                      teacher=loaded.teacher))
     inputs, made = make(rng, batch, teacher_variables=loaded.variables)
     mixed, recipe = targets.mix_batch(rng, batch["inputs"], batch["label"], num_classes=10, config=mix_config)
@@ -90,7 +90,7 @@ def test_targets_equal_the_formula_on_the_same_mixed_batch(teacher_dir):
     assert made.structured is None  # the dense targets (STI then uses its dense form)
     # beta = 1: the teacher's distribution alone.
     alone = distill.Teacher(loaded.teacher.model, tau=1.0, beta=1.0)
-    _, only = train.make_targets(rng, batch, num_classes=10, mix_config=mix_config, teacher=alone,
+    _, only = steps.make_targets(rng, batch, num_classes=10, mix_config=mix_config, teacher=alone,
                                  teacher_variables=loaded.variables)
     np.testing.assert_allclose(only.dense, softmax(numpy_mlp(teacher_params, mixed)), rtol=1e-5, atol=1e-6)
 
@@ -106,23 +106,23 @@ def test_train_step_uses_the_teacher_targets_and_1_and_8_devices_agree(teacher_d
     update (STI gathers the dense targets over devices); the step's targets are the formula's."""
     config = student_config(teacher_dir, **{"distill.beta": 0.6, "distill.tau": 1.5, "augment.mixup_alpha": 0.0,
                                             "augment.cutmix_alpha": 0.0})  # smoothing 0.1: deterministic targets
-    loaded = distill.load_teacher(config, get_dataset(config.data))
+    loaded = assembly.load_teacher(config, get_dataset(config.data))
     batch = digits_batch(64)
     model = models.get_model(config.model, 10)
     params = jax.device_get(model.init(jax.random.PRNGKey(0), batch["inputs"][:1], train=False)["params"])
 
     def new_state():
-        return train.TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.array, params),
+        return steps.TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.array, params),
                                              tx=optax.sgd(0.1))
 
     mix_config = targets.MixConfig.from_config(config.augment)
-    key, log_eta = jax.random.PRNGKey(3), train.noise_prior(config, get_dataset(config.data))
+    key, log_eta = jax.random.PRNGKey(3), assembly.noise_prior(config, get_dataset(config.data))
     mesh = distributed.make_mesh()
     for loss_fn in (losses.get_loss("soft_target_infonce").fn, _expected_class_loss):
         kwargs = dict(loss_fn=loss_fn, num_classes=10, mix_config=mix_config, temperature=1.0, teacher=loaded.teacher)
-        one = jax.jit(functools.partial(train.train_step, axis_name=None, **kwargs))
+        one = jax.jit(functools.partial(steps.train_step, axis_name=None, **kwargs))
         state_1, metrics_1 = one(new_state(), batch, key, log_eta, loaded.variables)
-        sharded = train.make_sharded_train_step(mesh, teacher_variables=loaded.variables, **kwargs)
+        sharded = steps.make_sharded_train_step(mesh, teacher_variables=loaded.variables, **kwargs)
         state_8, metrics_8 = sharded(new_state(), distributed.global_batch(mesh, batch), key, log_eta)
         np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state_8.params,
@@ -135,22 +135,22 @@ def test_train_step_uses_the_teacher_targets_and_1_and_8_devices_agree(teacher_d
 def test_a_parameters_file_teacher_equals_the_workdir_teacher(teacher_dir, tmp_path):
     config = student_config(teacher_dir)
     dataset = get_dataset(config.data)
-    from_run = distill.load_teacher(config, dataset)
+    from_run = assembly.load_teacher(config, dataset)
     batch = digits_batch()
     for suffix in (".npz", ".msgpack"):
         path = str(tmp_path / f"teacher{suffix}")
         distill.save_params(path, from_run.variables["params"])
         config = student_config(**{"distill.teacher_params": path})
         config.distill.teacher_model = ml_collections.ConfigDict(TEACHER_MODEL)
-        train.validate_config(config)
-        from_file = distill.load_teacher(config, dataset)
+        assembly.validate_config(config)
+        from_file = assembly.load_teacher(config, dataset)
         jax.tree.map(np.testing.assert_array_equal, from_file.variables, from_run.variables)
         np.testing.assert_array_equal(from_file.teacher.probs(from_file.variables, batch["inputs"]),
                                       from_run.teacher.probs(from_run.variables, batch["inputs"]))
     config.distill.teacher_model.hidden_sizes = (8,)  # a model the file does not fit
     with pytest.raises(ConfigError, match=r"parameter head/kernel has shape \(24, 10\) in the file, the teacher "
                                           r"model expects \(8, 10\)"):
-        distill.load_teacher(config, dataset)
+        assembly.load_teacher(config, dataset)
 
 
 def test_teacher_model_runs_in_the_students_compute_dtype():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_fashion_mnist import REPO, SIZES, prepared  # noqa: F401  (prepared: the fake IDX fixture)
 
-from softnce import config_checks
+from softnce import assembly, config_checks
 from softnce.data import fashion_mnist as fm
 from softnce.data import fashion_tuples as ft
 from softnce.data import get_dataset
@@ -156,11 +156,11 @@ def test_config_variants_pass_the_checks():
     config = fashion_tuples.get_config()
     assert (config.data.name, config.data.tuple_size, config.data.pool_size) == ("fashion_mnist_tuples", 3, 2)
     assert config.model.name == "small_cnn" and config.augment.mixup_alpha == 0.8
-    config_checks.check_config(config)
+    assembly.validate_config(config)
     config = fashion_tuples.get_config("k=1,loss=nll,seed=4,pool=1,steps=10")
     assert (config.data.tuple_size, config.data.pool_size, config.data.seed, config.seed) == (1, 1, 4, 4)
     assert config.augment.mixup_alpha == 0.0 and config.num_train_steps == 10 and config.optim.warmup_steps == 9
-    config_checks.check_config(config)
+    assembly.validate_config(config)
 
 
 # ------------------------------------------------------------------------------ batch statistics

@@ -195,7 +195,7 @@ def test_train_transform_in_the_sharded_step_agrees_on_1_and_8_devices():
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
-    from softnce import train
+    from softnce import steps
 
     mean, std = images.SPECS["imagenet2012"].mean, images.SPECS["imagenet2012"].std
     transform = D.TrainTransform(mean, std, D.parse_rand_augment("rand-m9-mstd0.5-inc1"), erasing_prob=0.25)
@@ -203,7 +203,7 @@ def test_train_transform_in_the_sharded_step_agrees_on_1_and_8_devices():
     rng = jax.random.fold_in(jax.random.PRNGKey(0), 7)
 
     def per_device(rng, inputs, axis_name):
-        return transform(train.example_keys(rng, inputs.shape[0], axis_name), inputs)
+        return transform(steps.example_keys(rng, inputs.shape[0], axis_name), inputs)
 
     outs = []
     for n in (1, 8):

@@ -11,7 +11,19 @@ import pytest
 from flax import nnx
 from test_train import small_config
 
-from softnce import checkpointing, distributed, export, export_loader, inference, losses, models, targets, train
+from softnce import (
+    assembly,
+    checkpointing,
+    distributed,
+    export,
+    export_loader,
+    inference,
+    losses,
+    models,
+    steps,
+    targets,
+    train,
+)
 from softnce.data import get_dataset
 from softnce.models import resnet
 
@@ -47,9 +59,9 @@ def test_the_sharded_step_averages_the_per_device_statistics():
     whole = model.apply(variables, x, train=True, mutable=["batch_stats"])[1]  # not the statistics of one batch of 64
     variables = jax.tree.map(jnp.copy, variables)  # the step donates the state's buffers
     params, model_state = variables["params"], {"batch_stats": variables["batch_stats"]}
-    state = train.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.0), model_state=model_state)
+    state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.0), model_state=model_state)
     mesh = distributed.make_mesh()
-    step = train.make_sharded_train_step(
+    step = steps.make_sharded_train_step(
         mesh, loss_fn=losses.get_loss("soft_target_cross_entropy").fn, num_classes=10,
         mix_config=targets.MixConfig(), temperature=1.0)
     batch = distributed.global_batch(mesh, {"inputs": np.asarray(x), "label": np.asarray(labels)})
@@ -73,7 +85,7 @@ def test_a_resnet_trains_resumes_exactly_and_is_used_with_its_statistics(tmp_pat
     dataset = get_dataset(config.data)
     model = models.get_model(config.model, dataset.num_classes)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = inference.abstract_variables(model, dataset.example_shape, device)
+    target = assembly.abstract_variables(model, dataset.example_shape, device)
     saved = {name: checkpointing.restore_variables_only(tmp_path / name / "checkpoints", 12, target)
              for name in ("whole", "resumed")}
     assert sorted(saved["whole"]) == ["batch_stats", "params"]

@@ -151,15 +151,19 @@ def test_a_lost_process_ends_the_other_with_one_error_line(tmp_path):
 
 
 def test_losing_process_0_ends_the_others_through_jax(tmp_path):
-    """Process 0 hosts JAX's coordination service: when it dies, JAX's runtime ends the others at once
-    with its own message (a C++ abort that softnce cannot intercept, documented in the README)."""
+    """Process 0 hosts JAX's coordination service: when it dies, the others end at once, through JAX's
+    runtime with its own message (a C++ abort that softnce cannot intercept, documented in the README) or,
+    when the failure watcher sees the lost service first, with softnce's one error line."""
     workdir, logs = str(tmp_path / "run"), _logs(tmp_path)
     processes = launch(LONG_ARGS, workdir, logs)
     _wait_for_training(logs[0], processes)
     processes[0].kill()
     codes, took = wait_all(processes, 120)
     assert codes[1] not in (0, None) and took < 30, (codes, took)
-    assert "the JAX distributed service detected fatal errors" in _read(logs)[1]
+    out = _read(logs)[1]
+    ours = _error_lines(out)
+    assert "the JAX distributed service detected fatal errors" in out or (
+        len(ours) == 1 and "process 0 (the coordination service) is gone" in ours[0]), out[-3000:]
 
 
 def _mount_small_tmpfs(path, size="3m"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_train import REPO, small_config
 
-from softnce import losses, optim, train
+from softnce import losses, optim, steps, targets, train
 from softnce.data import DATASETS, get_dataset, register_dataset
 from softnce.models import MODELS, get_model, register_model
 from softnce.registry import Registry, lazy
@@ -73,7 +73,7 @@ def test_datasets_are_not_imported_until_built():
         "import sys\n"
         "from softnce import train\n"
         "from softnce.configs import vit_finetune\n"
-        "train.validate_config(vit_finetune.get_config('dataset=cifar100,model=vit_tiny'))\n"
+        "assembly.validate_config(vit_finetune.get_config('dataset=cifar100,model=vit_tiny'))\n"
         "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets', 'softnce.data.images') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -113,8 +113,8 @@ def test_a_user_dataset_with_given_soft_targets_trains_with_mixup(tmp_path, user
     dataset = get_dataset(config.data)
     batch = next(dataset.train_batches(16, seed=0))
     np.testing.assert_array_equal(batch["targets"], user_module.CONFUSION[batch["label"]].astype(np.float32))
-    mix_config = train.targets.MixConfig.from_config(config.augment)
-    inputs, made = train.make_targets(jax.random.PRNGKey(1), batch, num_classes=4, mix_config=mix_config)
+    mix_config = targets.MixConfig.from_config(config.augment)
+    inputs, made = steps.make_targets(jax.random.PRNGKey(1), batch, num_classes=4, mix_config=mix_config)
     lam = float((inputs[0] - batch["inputs"][-1])[0] / (batch["inputs"][0] - batch["inputs"][-1])[0])  # batch mode
     expected = lam * batch["targets"] + (1 - lam) * batch["targets"][::-1]
     np.testing.assert_allclose(made.dense, expected, rtol=1e-4, atol=1e-5)

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from test_train import latest_params, small_config
 
-from softnce import config_checks, train, watchdog
+from softnce import assembly, config_checks, train, watchdog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,7 +144,7 @@ def test_every_numeric_field_out_of_range_is_named_with_value_and_range(path, va
     section, _, field = path.rpartition(".")
     (config[section] if section else config)[field] = value
     with pytest.raises(config_checks.ConfigError) as error:
-        train.validate_config(config)
+        assembly.validate_config(config)
     message = str(error.value)
     assert message.startswith(f"config.{path} = ") and " is out of range: must be " in message, message
     if value is not None:
@@ -156,7 +156,7 @@ def test_every_field_of_the_shipped_configs_passes_and_has_a_rule():
     for path in sorted(glob.glob(os.path.join(REPO, "configs", "[!_]*.py"))):  # base.py too; not __init__.py
         module = importlib.import_module(f"softnce.configs.{os.path.basename(path)[:-3]}")
         config = module.get_config()
-        components = train.config_components(config) if config.get("model") else []  # base.py names none
+        components = assembly.config_components(config) if config.get("model") else []  # base.py names none
         config_checks.check_config(config, components=components)  # raises on a numeric field without a rule
         assert list(config_checks.numeric_leaves(config)), path
 
@@ -164,10 +164,10 @@ def test_every_field_of_the_shipped_configs_passes_and_has_a_rule():
 def test_relations_between_fields_are_checked():
     warmup = r"warmup_steps = 12 is out of range: must be < config.num_train_steps = 12"
     with pytest.raises(config_checks.ConfigError, match=warmup):
-        train.validate_config(small_config(**{"optim.warmup_steps": 12}))
+        assembly.validate_config(small_config(**{"optim.warmup_steps": 12}))
     min_lr = r"min_lr = 0.1 is out of range: must be <= config.optim.base_lr"
     with pytest.raises(config_checks.ConfigError, match=min_lr):
-        train.validate_config(small_config(**{"optim.min_lr": 0.1}))
+        assembly.validate_config(small_config(**{"optim.min_lr": 0.1}))
 
 
 def test_negative_learning_rate_fails_before_the_first_step_in_one_line(tmp_path, cli_env):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_train import REPO, small_config
 
-from softnce import targets, train
+from softnce import assembly, steps, targets, train
 from softnce.config_checks import ConfigError
 from softnce.configs import npz as npz_config
 from softnce.data import get_dataset
@@ -99,33 +99,33 @@ def test_noise_prior_from_counts_target_mean_or_explicit_against_hand_computatio
         config.loss.prior_smoothing = smoothing
         config.loss.noise_prior = "class_prior"
         counts = np.bincount(labels, minlength=C)
-        np.testing.assert_allclose(train.noise_prior(config, dataset),
+        np.testing.assert_allclose(assembly.noise_prior(config, dataset),
                                    np.log((counts + smoothing) / (108 + C * smoothing)), rtol=1e-6)
         config.loss.noise_prior = "target_mean"
         mass = soft.astype(np.float64).sum(0)
-        np.testing.assert_allclose(train.noise_prior(config, dataset),
+        np.testing.assert_allclose(assembly.noise_prior(config, dataset),
                                    np.log((mass + smoothing) / (108 + C * smoothing)), rtol=1e-5)
-    np.testing.assert_allclose(np.exp(train.noise_prior(config, dataset)).sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.exp(assembly.noise_prior(config, dataset)).sum(), 1.0, rtol=1e-6)
     config.loss.prior_smoothing = 0.0
-    np.testing.assert_allclose(np.exp(train.noise_prior(config, dataset)), soft.mean(0), rtol=1e-5)  # the mean
+    np.testing.assert_allclose(np.exp(assembly.noise_prior(config, dataset)), soft.mean(0), rtol=1e-5)  # the mean
     config.loss.noise_prior, config.loss.noise_probs = "explicit", (0.5, 0.3, 0.2)
-    train.validate_config(config)
-    np.testing.assert_allclose(train.noise_prior(config, dataset), np.log([0.5, 0.3, 0.2]), rtol=1e-6)
+    assembly.validate_config(config)
+    np.testing.assert_allclose(assembly.noise_prior(config, dataset), np.log([0.5, 0.3, 0.2]), rtol=1e-6)
     config.loss.noise_probs = (0.5, 0.5)
     with pytest.raises(ConfigError, match=r"noise_probs has 2 entries; the dataset has 3 classes"):
-        train.noise_prior(config, dataset)
+        assembly.noise_prior(config, dataset)
     config.loss.noise_probs = (0.5, 0.3, 0.3)
     with pytest.raises(ConfigError, match=r"must be positive and sum to 1 .* it sums to 1.1"):
-        train.noise_prior(config, dataset)
+        assembly.noise_prior(config, dataset)
     config.loss.noise_probs = None
     with pytest.raises(ConfigError, match=r"noise_prior='explicit' and config.loss.noise_probs .* go together"):
-        train.validate_config(config)
+        assembly.validate_config(config)
     config.loss.noise_prior = "uniform"
-    assert train.noise_prior(config, dataset) is None
+    assert assembly.noise_prior(config, dataset) is None
     # target_mean needs targets given with the data.
     digits = small_config(**{"loss.noise_prior": "target_mean"})
     with pytest.raises(ConfigError, match=r"'target_mean' is the mean of the soft targets .* 'digits' gives none"):
-        train.noise_prior(digits, get_dataset(digits.data))
+        assembly.noise_prior(digits, get_dataset(digits.data))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,14 +138,14 @@ def test_trainer_smooths_and_mixes_given_targets_and_keeps_them_as_they_are_othe
     batch = {"inputs": x, "label": y.astype(np.int32), "targets": t.astype(np.float32)}
     rng = jax.random.PRNGKey(0)
     # Neither smoothing nor mixing: the given array itself (the toy's path, bit for bit).
-    inputs, made = train.make_targets(rng, batch, num_classes=C, mix_config=targets.MixConfig())
+    inputs, made = steps.make_targets(rng, batch, num_classes=C, mix_config=targets.MixConfig())
     assert inputs is batch["inputs"] and made.dense is batch["targets"] and made.structured is None
     # Smoothing alone applies to the given targets (never silently skipped).
-    _, made = train.make_targets(rng, batch, num_classes=C, mix_config=targets.MixConfig(label_smoothing=0.1))
+    _, made = steps.make_targets(rng, batch, num_classes=C, mix_config=targets.MixConfig(label_smoothing=0.1))
     np.testing.assert_allclose(made.dense, 0.9 * t + 0.1 / C, rtol=1e-6)
     # MixUp mixes the smoothed given targets with the partner's (batch mode: one lambda).
     mix = targets.MixConfig(label_smoothing=0.1, mixup_alpha=0.8, structured=True)
-    inputs, made = train.make_targets(rng, batch, num_classes=C, mix_config=mix)
+    inputs, made = steps.make_targets(rng, batch, num_classes=C, mix_config=mix)
     lam = float((inputs[0, 0] - x[-1, 0]) / (x[0, 0] - x[-1, 0]))
     smooth = 0.9 * t + 0.1 / C
     np.testing.assert_allclose(made.dense, lam * smooth + (1 - lam) * smooth[::-1], rtol=1e-4, atol=1e-6)

@@ -213,7 +213,7 @@ def test_config_runs_through_the_entry_point_and_matches_the_vmapped_trainer(tmp
     import jax
     import orbax.checkpoint as ocp
 
-    from softnce import models, train
+    from softnce import assembly, models
 
     manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
     cli_params = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())["params"]
@@ -223,14 +223,14 @@ def test_config_runs_through_the_entry_point_and_matches_the_vmapped_trainer(tmp
     dataset = get_dataset(config.data)
     data = {"inputs": dataset.train_inputs, "label": dataset.train_labels, "targets": dataset.train_targets}
     rows = vmapped.batch_rows(config.seed, dataset.num_train_examples, config.data.batch_size, config.num_train_steps)
-    log_eta = np.asarray(train.noise_prior(config, dataset))
+    log_eta = np.asarray(assembly.noise_prior(config, dataset))
     params, _ = te.make_train_fn(config)(
         jax.random.PRNGKey(config.seed)[None], jax.tree.map(lambda v: v[None], data), rows[None], log_eta[None]
     )
     for ours, cli in zip(jax.tree.leaves(params), jax.tree.leaves(cli_params)):
         np.testing.assert_allclose(np.asarray(ours)[0], np.asarray(cli), rtol=0, atol=2e-5)
     init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
-    initial = train.initial_variables(config, models.get_model(config.model, 3), (2,), init_rng)["params"]
+    initial = assembly.initial_variables(config, models.get_model(config.model, 3), (2,), init_rng)["params"]
     pairs = zip(jax.tree.leaves(initial), jax.tree.leaves(cli_params))
     moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs]
     assert max(moved) > 1e-3

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from softnce import losses, metric_writer, train
+from softnce import losses, metric_writer, steps, train
 from softnce.configs import digits as digits_config
 from softnce.data import DATASETS
 from softnce.data.arrays import ArrayDataset
@@ -210,16 +210,16 @@ def test_device_input_transform_gets_the_same_per_example_keys_on_1_and_8_device
 
     def new_state():
         fresh = jax.tree.map(jnp.array, params)
-        return train.TrainState.create(apply_fn=model.apply, params=fresh, tx=optax.sgd(0.1))
+        return steps.TrainState.create(apply_fn=model.apply, params=fresh, tx=optax.sgd(0.1))
 
     kwargs = dict(loss_fn=losses.get_loss("nll").fn, num_classes=10, mix_config=targets.MixConfig(), temperature=1.0)
     key = jax.random.PRNGKey(3)
-    one = jax.jit(functools.partial(train.train_step, axis_name=None, input_transform=noisy, **kwargs))
+    one = jax.jit(functools.partial(steps.train_step, axis_name=None, input_transform=noisy, **kwargs))
     state_1, metrics_1 = one(new_state(), batch, key, None)
-    plain = jax.jit(functools.partial(train.train_step, axis_name=None, **kwargs))
+    plain = jax.jit(functools.partial(steps.train_step, axis_name=None, **kwargs))
     _, metrics_plain = plain(new_state(), batch, key, None)
     mesh = distributed.make_mesh()
-    sharded = train.make_sharded_train_step(mesh, input_transform=noisy, **kwargs)
+    sharded = steps.make_sharded_train_step(mesh, input_transform=noisy, **kwargs)
     state_8, metrics_8 = sharded(new_state(), distributed.global_batch(mesh, batch), key, None)
 
     assert abs(float(metrics_1["loss"]) - float(metrics_plain["loss"])) > 1e-3  # the transform ran
@@ -232,16 +232,16 @@ def test_temperature_is_fitted_on_validation_only_and_test_metrics_reported_at_i
     computation from the final parameters: t* minimises the validation NLL; the test NLL is at t*."""
     from scipy.special import log_softmax
 
-    from softnce import evaluation, models
+    from softnce import metrics, models
     from softnce.data import get_dataset
 
     config = small_config()
     result = train.train_and_evaluate(config, str(tmp_path))
-    metrics = json.load(open(tmp_path / "metrics.json"))
-    assert {"temperature", "nll_calibrated", "ece_calibrated"} <= set(metrics)
-    assert metrics["temperature"] == result["temperature"]
+    reported = json.load(open(tmp_path / "metrics.json"))
+    assert {"temperature", "nll_calibrated", "ece_calibrated"} <= set(reported)
+    assert reported["temperature"] == result["temperature"]
     calibrated_sums = json.load(open(tmp_path / "eval_sums_calibrated.json"))
-    assert evaluation.summarize(calibrated_sums)["nll"] == pytest.approx(metrics["nll_calibrated"], rel=1e-9)
+    assert metrics.summarize(calibrated_sums)["nll"] == pytest.approx(reported["nll_calibrated"], rel=1e-9)
 
     dataset = get_dataset(config.data)
     assert dataset.num_validation_examples == round(0.1 * 1257)
@@ -253,13 +253,13 @@ def test_temperature_is_fitted_on_validation_only_and_test_metrics_reported_at_i
     def nll(z, labels, t):
         return -np.mean(log_softmax(z / t, axis=1)[np.arange(len(labels)), labels])
 
-    t_star = metrics["temperature"]
+    t_star = reported["temperature"]
     val_nll = lambda t: nll(val_z, dataset.val_labels, t)  # noqa: E731
     assert val_nll(t_star) <= min(val_nll(t_star * 0.97), val_nll(t_star * 1.03)) + 1e-9  # a minimum
-    assert metrics["nll_calibrated"] == pytest.approx(nll(test_z, dataset.eval_labels, t_star), rel=1e-4)
-    assert metrics["nll"] == pytest.approx(nll(test_z, dataset.eval_labels, 1.0), rel=1e-4)
+    assert reported["nll_calibrated"] == pytest.approx(nll(test_z, dataset.eval_labels, t_star), rel=1e-4)
+    assert reported["nll"] == pytest.approx(nll(test_z, dataset.eval_labels, 1.0), rel=1e-4)
     # Fitting on the test split instead would give a different temperature.
-    assert abs(evaluation.fit_temperature(test_z, dataset.eval_labels) - t_star) > 1e-4
+    assert abs(metrics.fit_temperature(test_z, dataset.eval_labels) - t_star) > 1e-4
 
 
 def _noisy_inputs(keys, inputs):

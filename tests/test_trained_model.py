@@ -17,7 +17,7 @@ from scipy.special import log_softmax, softmax
 from test_fashion_mnist import SIZES, prepared  # noqa: F401  (prepared: the fake IDX fixture)
 from test_train import small_config
 
-from softnce import checkpoint_metadata, evaluate, export, inference, train
+from softnce import assembly, checkpoint_metadata, evaluate, export, inference, train
 from softnce.data.digits import load_digits_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +101,8 @@ def test_evaluate_validation_with_a_refit_an_earlier_step_and_a_data_override(di
     assert other["top1"] == run["top1"] and other["nll"] == pytest.approx(run["nll"], rel=1e-6)
     assert other["temperature"] != pytest.approx(run["temperature"], rel=1e-4)
 
-    with pytest.raises(inference.CheckpointNotFoundError, match=r"no checkpoint of step 5 .* saved steps are 8, 12"):
+    missing = r"no checkpoint of step 5 .* saved steps are 8, 12"
+    with pytest.raises(checkpoint_metadata.CheckpointNotFoundError, match=missing):
         evaluate.evaluate_checkpoint(str(digits_run), step=5, log=_quiet)
     config = checkpoint_metadata.read_run_config(digits_run)
     config.loss.temperature = 2.0
@@ -138,7 +139,7 @@ def test_load_predicts_calibrated_probabilities_from_the_checkpoint_alone(digits
     clf = inference.load(str(digits_run))
     assert clf.step == 12 and clf.t_star == run["temperature"] and clf.temperature == 1.0
     assert clf.class_names == [str(c) for c in range(10)] and clf.example_shape == (8, 8, 1)
-    dataset = train.make_dataset_and_model(small_config())[0]
+    dataset = assembly.make_dataset_and_model(small_config())[0]
     counts = np.bincount(dataset.train_labels, minlength=10)
     np.testing.assert_allclose(clf.class_prior, counts / counts.sum(), rtol=1e-5)
 
@@ -315,7 +316,7 @@ def test_fashion_mnist_run_evaluate_predict_and_export(prepared, tmp_path):  # n
 
     clf = inference.load(str(workdir))
     assert clf.class_names == list(fm.CLASS_NAMES) and clf.t_star == run["temperature"]
-    dataset = train.make_dataset_and_model(config)[0]
+    dataset = assembly.make_dataset_and_model(config)[0]
     probabilities = clf.predict_proba(dataset.eval_inputs)
     assert probabilities.shape == (SIZES["test"], 10) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
     labels = dataset.eval_labels

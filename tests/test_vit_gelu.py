@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from scipy import special
 
-from softnce import distributed, losses, targets, train
+from softnce import distributed, losses, steps, targets
 from softnce.models import vit
 
 X = np.concatenate([np.linspace(-12.0, 12.0, 4001), [0.0, -0.7518, 1e-8, -1e-8, 30.0, -30.0]]).astype(np.float32)
@@ -89,18 +89,18 @@ def test_vit_train_step_runs_under_shard_map_and_matches_one_device():
     params = jax.device_get(model.init(jax.random.PRNGKey(0), batch["inputs"][:1], train=False)["params"])
 
     def new_state():  # fresh arrays each time: the sharded step donates its state
-        return train.TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.array, params),
+        return steps.TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.array, params),
                                              tx=optax.sgd(0.5))
 
     step_kwargs = dict(loss_fn=losses.get_loss("nll").fn, num_classes=10, mix_config=targets.MixConfig(),
                        temperature=1.0)
     key = jax.random.PRNGKey(1)
-    one_device = jax.jit(functools.partial(train.train_step, axis_name=None, **step_kwargs))
+    one_device = jax.jit(functools.partial(steps.train_step, axis_name=None, **step_kwargs))
     state_1, metrics_1 = one_device(new_state(), batch, key, None)
 
     mesh = distributed.make_mesh()
     assert mesh.devices.size == 8
-    sharded = train.make_sharded_train_step(mesh, **step_kwargs)
+    sharded = steps.make_sharded_train_step(mesh, **step_kwargs)
     state_8, metrics_8 = sharded(new_state(), distributed.global_batch(mesh, batch), key, None)
 
     assert np.isfinite(float(metrics_8["loss"])) and float(metrics_8["grad_norm"]) > 0

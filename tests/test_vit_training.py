@@ -12,7 +12,7 @@ import tiny_images
 from flax import traverse_util
 from test_vit import mae_state_dict  # a random MAE state dict of vit_tiny's shapes
 
-from softnce import checkpointing, models, train
+from softnce import assembly, checkpointing, models, train
 from softnce.configs import vit_finetune
 from softnce.models import mae_checkpoint
 
@@ -48,7 +48,7 @@ def start_params(config):
     model = models.get_model(config.model, NUM_CLASSES)
     init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
     fresh = model.init(init_rng, np.zeros((1, *SHAPE), np.float32), train=False)["params"]
-    return fresh, train.initial_variables(config, model, SHAPE, init_rng)["params"]
+    return fresh, assembly.initial_variables(config, model, SHAPE, init_rng)["params"]
 
 
 def assert_trees_equal(a, b):

@@ -1,6 +1,6 @@
 """Benchmark: the cost of soft target InfoNCE in a full train step (issue 6), against soft-target CE.
 
-Runs the project's real step, ``softnce.train.make_sharded_train_step`` (``jit(shard_map(...))``
+Runs the project's real step, ``softnce.steps.make_sharded_train_step`` (``jit(shard_map(...))``
 over a ``('data',)`` mesh of ``--devices`` devices: MixUp/CutMix + label smoothing on device,
 forward, backward, ``pmean``, AdamW with layer-wise lr decay from ``configs/vit_finetune.py``), on
 random 32 px images with a small ViT, once per loss:
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softnce import distributed, losses, targets, train
+from softnce import assembly, distributed, losses, steps
 from softnce.configs import vit_finetune
 from softnce.experiments.machine import markdown_table, run_header
 from softnce.models import vit
@@ -78,7 +78,7 @@ def make_state(mesh, model, args):
     """The replicated initial state (optimiser of the STI recipe, shared by all variants)."""
     config = make_config("soft_target_infonce", args.batch)
     example_shape = (args.image_size, args.image_size, 3)
-    state, _ = train.create_train_state(config, model, example_shape, jax.random.key(0), mesh, args.batch)
+    state, _ = assembly.create_train_state(config, model, example_shape, jax.random.key(0), mesh, args.batch)
     return state
 
 
@@ -86,12 +86,8 @@ def make_step(name: str, mesh, args):
     """The sharded train step of variant ``name`` (its loss and its ``MixConfig``)."""
     loss_name, structured = VARIANTS[name]
     config = make_config(loss_name, args.batch)
-    mix_config = targets.MixConfig.from_config(config.augment)
-    mix_config = targets.MixConfig(**{**mix_config.__dict__, "structured": structured})
-    return train.make_sharded_train_step(
-        mesh, loss_fn=losses.get_loss(loss_name).fn, num_classes=args.classes, mix_config=mix_config,
-        temperature=config.loss.temperature,
-    )
+    config.augment.structured = structured
+    return steps.make_sharded_train_step(mesh, **assembly.train_step_kwargs(config, args.classes))
 
 
 def prepare(args, mesh) -> tuple[dict, dict, dict, jax.Array]:

@@ -128,7 +128,7 @@ def paired_table(results: dict, reference: str = REFERENCE_LOSS) -> str:
 def pooled_reliability(results: dict, out: str) -> tuple[dict, dict]:
     """``({loss: test-set calibration-bin sums pooled over its runs}, {loss: the same at t*})`` from the
     runs' ``eval_sums.json`` / ``eval_sums_calibrated.json`` (run records with a ``workdir`` in ``out``)."""
-    from softnce import evaluation
+    from softnce import metrics
 
     sums, calibrated_sums = {}, {}
     for loss, runs in results.items():
@@ -137,20 +137,20 @@ def pooled_reliability(results: dict, out: str) -> tuple[dict, dict]:
                 path = os.path.join(out, record.get("workdir", f"{loss}_seed{record['seed']}"), name)
                 if os.path.exists(path):
                     with open(path) as f:
-                        store[loss] = evaluation.add_sums(store.get(loss), json.load(f))
+                        store[loss] = metrics.add_sums(store.get(loss), json.load(f))
     return sums, calibrated_sums
 
 
 def plot_reliability(results: dict, out: str, title: str, seeds: int) -> None:
     """``reliability.png`` (t = 1) and, when every loss has its sums at t*, ``reliability_calibrated.png``."""
-    from softnce import evaluation
+    from softnce import metrics
 
     sums, calibrated_sums = pooled_reliability(results, out)
     if sums:
-        evaluation.plot_reliability_diagram(
+        metrics.plot_reliability_diagram(
             sums, os.path.join(out, "reliability.png"), title=f"{title}, t = 1, {seeds} seeds pooled")
     if calibrated_sums and len(calibrated_sums) == len(results):
-        evaluation.plot_reliability_diagram(
+        metrics.plot_reliability_diagram(
             calibrated_sums, os.path.join(out, "reliability_calibrated.png"),
             title=f"{title}, at the fitted t*, {seeds} seeds pooled")
 

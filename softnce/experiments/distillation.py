@@ -160,14 +160,14 @@ def teacher_table(record: dict) -> str:
 
 def _pooled_sums(results: dict, out: str, name: str = "eval_sums.json") -> dict:
     """``{loss: the runs' calibration-bin sums (file name in their workdirs) pooled over seeds}``."""
-    from softnce import evaluation
+    from softnce import metrics
 
     pooled = {}
     for loss, runs in results.items():
         for record in runs["metrics"]:
             sums = sweep.read_json(os.path.join(out, record.get("workdir", f"{loss}_seed{record['seed']}"), name))
             if sums is not None:
-                pooled[loss] = evaluation.add_sums(pooled.get(loss), sums)
+                pooled[loss] = metrics.add_sums(pooled.get(loss), sums)
     return pooled
 
 
@@ -176,7 +176,7 @@ def main(argv=None, log=print) -> dict:
     args = parse_args(argv)  # --help answers before jax is imported
     from absl import logging
 
-    from softnce import evaluation
+    from softnce import metrics
     from softnce.data import fashion_mnist
 
     logging.set_verbosity(logging.WARNING)
@@ -197,7 +197,7 @@ def main(argv=None, log=print) -> dict:
             teacher_sums[name] = sums
     pooled = _pooled_sums(results, args.out)
     panels = ({"teacher": teacher_sums["eval_sums.json"]} if "eval_sums.json" in teacher_sums else {}) | pooled
-    evaluation.plot_reliability_diagram(panels, os.path.join(args.out, "reliability_with_teacher.png"),
+    metrics.plot_reliability_diagram(panels, os.path.join(args.out, "reliability_with_teacher.png"),
                                         title=f"{TITLE}, t = 1, students' {args.seeds} seeds pooled")
     wall = time.time() - start
     run_seconds = teacher["wall_seconds"] + grid["run_seconds"]

@@ -5,7 +5,7 @@ Meant to be run in one go on a single NVIDIA GPU::
     python experiments/gpu_benchmark.py                 # ViT-B/16, 224 px, batch 128, bfloat16, C = 1000
     python experiments/gpu_benchmark.py --quick         # tiny sizes; also runs on CPU (smoke test)
 
-JAX part: the project's train step (``softnce.train.make_sharded_train_step`` on a 1-device mesh:
+JAX part: the project's train step (``softnce.steps.make_sharded_train_step`` on a 1-device mesh:
 label smoothing 0.1 + MixUp 0.8 / CutMix 1.0 on device, forward, backward, AdamW with layer-wise lr
 decay, as ``configs/vit_finetune.py``) with ``soft_target_cross_entropy`` and with
 ``soft_target_infonce`` on structured targets (and on dense targets), built by the helpers of

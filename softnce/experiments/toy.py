@@ -3,7 +3,7 @@
 This design is the project's own (the paper's toy example is not public). Data: the 2-D, 3-class
 Gaussian problem of :mod:`softnce.data.toy` with a balanced and an imbalanced (0.6/0.3/0.1) prior.
 Every loss trains the MLP of ``configs/toy.py`` with the project's train step
-(:func:`softnce.train.train_step`, ``axis_name=None``), optimiser and registered loss:
+(:func:`softnce.steps.train_step`, ``axis_name=None``), optimiser and registered loss:
 
 * hard-label losses (``nll``, ``infonce``) train on one annotator's vote per example;
 * soft-target losses (``soft_target_cross_entropy``, ``soft_target_infonce``,
@@ -21,7 +21,7 @@ at the training temperature ``t = 1``; ``kl_calibrated`` after fitting one tempe
 on the validation NLL (hard labels): with ``beta = 1/t`` the NLL ``mean_i [logsumexp(beta z_i) -
 beta z_i[y_i]]`` is convex in ``beta``, so scipy's bounded Brent search on ``beta in [1e-3, 50]``
 finds its minimum; ``top1``, ``nll``, ``ece`` (and ``*_calibrated``) from
-:mod:`softnce.evaluation` on labels drawn from ``p_true``; ``expected_top1`` = ``mean_x
+:mod:`softnce.metrics` on labels drawn from ``p_true``; ``expected_top1`` = ``mean_x
 p_true(argmax z(x) | x)``; references: the Bayes classifier's accuracy and NLL, and the KL of the
 constant predictor ``p(y) = pi``.
 
@@ -42,7 +42,7 @@ import jax
 import numpy as np
 from scipy.special import log_softmax
 
-from softnce import evaluation, plotting, train
+from softnce import assembly, metrics, plotting, train
 from softnce.configs import toy as toy_config
 from softnce.data import toy
 from softnce.experiments import cli, vmapped
@@ -136,7 +136,7 @@ def stack_runs(config, method: Method, datas: Sequence[toy.ToyData], annotators:
     """Training arrays ``[R, ...]`` and ``log(eta)`` ``[R, K]`` for runs ``(m, seed)`` (``m`` major).
 
     Each run's dataset is :func:`softnce.data.toy.to_array_dataset` (what ``softnce.main`` trains
-    on) and its ``log(eta)`` is :func:`softnce.train.noise_prior` (zeros where it is ``None``).
+    on) and its ``log(eta)`` is :func:`softnce.assembly.noise_prior` (zeros where it is ``None``).
     """
     data = {"inputs": [], "label": [], "targets": []}
     log_etas = []
@@ -146,7 +146,7 @@ def stack_runs(config, method: Method, datas: Sequence[toy.ToyData], annotators:
             data["inputs"].append(dataset.train_inputs)
             data["label"].append(dataset.train_labels)
             data["targets"].append(dataset.train_targets)
-            log_eta = train.noise_prior(config, dataset)
+            log_eta = assembly.noise_prior(config, dataset)
             log_etas.append(np.zeros(toy.NUM_CLASSES, np.float32) if log_eta is None else np.asarray(log_eta))
     return {k: np.stack(v) for k, v in data.items()}, np.stack(log_etas)
 
@@ -162,16 +162,16 @@ def mean_kl(log_p: np.ndarray, logits: np.ndarray, temperature: float = 1.0) -> 
     return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
 
 
-_metric_sums = jax.jit(lambda z, y, t: evaluation.metric_sums(z, y, temperature=t))
+_metric_sums = jax.jit(lambda z, y, t: metrics.metric_sums(z, y, temperature=t))
 
 
 def run_metrics(data: toy.ToyData, val_logits: np.ndarray, test_logits: np.ndarray) -> tuple[dict, dict, dict]:
     """Metrics of one trained model; returns ``(metrics, sums at t=1, sums at the fitted t)``."""
-    t_fit = evaluation.fit_temperature(val_logits, data.val.labels)
+    t_fit = metrics.fit_temperature(val_logits, data.val.labels)
     log_p = data.test.log_posterior
     sums = {t: jax.device_get(_metric_sums(test_logits, data.test.labels, t)) for t in (1.0, t_fit)}
-    raw, cal = evaluation.summarize(sums[1.0]), evaluation.summarize(sums[t_fit])
-    metrics = {
+    raw, cal = metrics.summarize(sums[1.0]), metrics.summarize(sums[t_fit])
+    found = {
         "kl": mean_kl(log_p, test_logits),
         "kl_calibrated": mean_kl(log_p, test_logits, t_fit),
         "temperature": t_fit,
@@ -182,7 +182,7 @@ def run_metrics(data: toy.ToyData, val_logits: np.ndarray, test_logits: np.ndarr
         "nll_calibrated": cal["nll"],
         "ece_calibrated": cal["ece"],
     }
-    return metrics, sums[1.0], sums[t_fit]
+    return found, sums[1.0], sums[t_fit]
 
 
 def reference_metrics(data: toy.ToyData) -> dict:
@@ -410,7 +410,7 @@ def run_experiment(settings: Settings = FULL, out_dir: Optional[str] = None,
                     for name in learned[prior] if method.hard_labels else [m_name]:
                         learned[prior][name][method.name] = probs
                 if method.hard_labels or m == annotators[-1]:
-                    pooled = evaluation.add_sums(pooled, sums)
+                    pooled = metrics.add_sums(pooled, sums)
             reliability[prior][method.name] = pooled
 
     summary = aggregate(rows)
@@ -420,7 +420,7 @@ def run_experiment(settings: Settings = FULL, out_dir: Optional[str] = None,
         files[f"posteriors_{prior}"] = os.path.basename(
             plot_posteriors(os.path.join(out_dir, f"posteriors_{prior}.png"), prior, true_probs, learned[prior],
                             settings))
-        files[f"reliability_{prior}"] = os.path.basename(evaluation.plot_reliability_diagram(
+        files[f"reliability_{prior}"] = os.path.basename(metrics.plot_reliability_diagram(
             reliability[prior], os.path.join(out_dir, f"reliability_{prior}.png"),
             title=f"toy, {prior} prior, t = 1, test set pooled over seeds "
                   f"(soft targets: m = {toy.annotators_name(annotators[-1])})"))

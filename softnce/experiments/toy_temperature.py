@@ -14,7 +14,7 @@ float64). ``p(a)`` is exact on the lattice of ``m``-vote histograms (multinomial
 averaged over a Monte Carlo sample of inputs) and a Monte Carlo sample of posteriors for ``m = inf``.
 For a finite batch the same loss with ``M - 1`` sampled negatives and the positive in the
 denominator is minimised on sampled batches (:func:`finite_batch_scores`). The logits are
-``z = s + log(eta)``; ``t*`` is fitted by :func:`softnce.evaluation.fit_temperature`, as for a
+``z = s + log(eta)``; ``t*`` is fitted by :func:`softnce.metrics.fit_temperature`, as for a
 trained model, on 16 labels ``y ~ p(y|x)`` per test input (one label per input leaves a label-noise
 error of several hundredths in ``t*``).
 
@@ -42,7 +42,7 @@ import jax
 import numpy as np
 from scipy.special import gammaln, logsumexp
 
-from softnce import evaluation, plotting
+from softnce import metrics, plotting
 from softnce.data import toy
 from softnce.experiments import cli, vmapped
 from softnce.experiments import toy as te
@@ -268,7 +268,7 @@ def score_metrics(logits: np.ndarray, log_p: np.ndarray, labels: np.ndarray) -> 
     """``t*`` (fitted on ``labels`` ``[n]`` or ``[n, V]``: ``V`` labels per input), the slope, and the KL
     to ``p`` raw and at ``t*``, for logits ``z`` ``[n, C]``."""
     labels = np.asarray(labels).reshape(len(logits), -1)
-    t = evaluation.fit_temperature(np.repeat(logits, labels.shape[1], axis=0), labels.ravel())
+    t = metrics.fit_temperature(np.repeat(logits, labels.shape[1], axis=0), labels.ravel())
     return {"temperature": t, "slope": logit_slope(logits, log_p), "kl": te.mean_kl(log_p, logits),
             "kl_calibrated": te.mean_kl(log_p, logits, t)}
 

@@ -8,7 +8,7 @@ of a bottleneck block), the first block of stages 2-4 strided; global average po
 BatchNorm keeps running statistics in the ``batch_stats`` collection: in training (``train=True``) it
 normalises with the batch's statistics and updates the running ones with ``momentum``
 (``r <- momentum r + (1 - momentum) batch``); in evaluation it uses the running ones. The trainer keeps
-``batch_stats`` as the model's state (:class:`softnce.train.TrainState`): checkpointed, averaged over the
+``batch_stats`` as the model's state (:class:`softnce.steps.TrainState`): checkpointed, averaged over the
 devices after each step, and used by evaluation, ``softnce.inference`` and the export. The last
 BatchNorm of each residual branch starts at scale 0, so each block starts as the identity.
 """
