@@ -4,6 +4,7 @@ the comparison script, all on small IDX files written here (no package, no inter
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import struct
@@ -17,7 +18,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from softnce.data import fashion_mnist as fm
-from softnce.experiments import comparison
+from softnce.experiments import comparison, fair_comparison
 from softnce.models.cnn import SmallCNN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -423,3 +424,28 @@ def test_distillation_experiment_end_to_end(prepared, tmp_path):
     # Running again keeps the finished teacher and students.
     again = distillation.main(argv)
     assert again["teacher"] == result["teacher"] and again["results"] == runs
+
+
+def test_equivalence_is_the_90_percent_interval_inside_the_declared_margin():
+    sti, soft = "soft_target_infonce", "soft_target_cross_entropy"
+    d = [0.001, -0.001, 0.002, 0.0, 0.0015]
+    results = {sti: {"metrics": [{"seed": s, "top1": 0.9 + x} for s, x in zip(range(1, 6), d)]},
+               soft: {"metrics": [{"seed": s, "top1": 0.9} for s in range(1, 6)]}}
+    mean = sum(d) / 5
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
+    half = 2.131846786326649 * sd / math.sqrt(5)  # Student t, 95% quantile, 4 degrees of freedom (tables: 2.132)
+    found = fair_comparison.equivalence(results, 0.003)
+    assert found["interval"]["mean"] == pytest.approx(mean, abs=1e-12)
+    assert found["interval"]["half_width"] == pytest.approx(half, rel=1e-6)
+    assert found["equivalent"] and found["pair"] == f"{sti} - {soft}" and "equivalent" in found["verdict"]
+    assert mean + half > 0.001  # so a margin of 0.1 points is not met
+    assert not fair_comparison.equivalence(results, 0.001)["equivalent"]
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        fair_comparison.equivalence({sti: results[sti], soft: {"metrics": [{"seed": 1, "top1": 0.9}]}}, 0.003)
+
+
+def test_the_long_setting_declares_its_margin_and_losses():
+    long = fair_comparison.SETTINGS["long"]
+    assert long.equivalence_margin == 0.003 and long.steps == 10000 and long.num_train_examples is None
+    assert set(long.losses) == {"nll", "soft_target_cross_entropy", "soft_target_infonce"} and len(long.base_lrs) >= 4
+    assert len(long.seeds) == 5

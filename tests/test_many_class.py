@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from test_fashion_mnist import REPO, prepared  # noqa: F401  (prepared: the fake IDX fixture)
 
+from softnce.experiments import comparison
 from softnce.experiments import many_class as mc
 
 QUICK = mc.SETTINGS["quick"]
@@ -98,18 +99,18 @@ def test_paired_interval_against_hand_computed_values():
     mean = (0.012 - 0.004 + 0.020) / 3
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
     t_975_2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (tables: 4.303)
-    interval = mc.paired_interval(d)
+    interval = comparison.paired_interval(d)
     assert interval["mean"] == pytest.approx(mean, rel=1e-12) and interval["n"] == 3
     assert interval["half_width"] == pytest.approx(t_975_2 * sd / math.sqrt(3), rel=1e-9)
     assert interval["half_width"] == pytest.approx(0.030357, abs=1e-6)  # 4.302653 * 0.0122202 / 1.7320508
     assert (interval["low"], interval["high"]) == pytest.approx((mean - interval["half_width"],
                                                                  mean + interval["half_width"]), rel=1e-12)
-    ninety = mc.paired_interval(d, confidence=0.9)  # t_{0.95, 2} = 2.919986
+    ninety = comparison.paired_interval(d, confidence=0.9)  # t_{0.95, 2} = 2.919986
     assert ninety["half_width"] == pytest.approx(2.919985580355516 * sd / math.sqrt(3), rel=1e-9)
-    single = mc.paired_interval([0.5])
+    single = comparison.paired_interval([0.5])
     assert single["mean"] == 0.5 and single["half_width"] is single["low"] is single["high"] is None
     with pytest.raises(ValueError, match="non-empty"):
-        mc.paired_interval([])
+        comparison.paired_interval([])
 
 
 def test_cell_differences_pair_by_seed():

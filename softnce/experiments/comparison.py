@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 from typing import Callable, Optional, Sequence
 
@@ -283,3 +284,25 @@ def main(name: str, argv=None) -> dict:
 
     losses = [loss for loss in args.losses.split(",") if loss]
     return run_grid(make_config, losses=losses, seeds=args.seeds, out=args.out, title=title)
+
+
+def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> dict:
+    """The mean of ``n`` paired differences ``d`` and its t-interval.
+
+    ``mean +- t_{(1 + confidence) / 2, n - 1} * std(d, ddof=1) / sqrt(n)`` (scipy's Student t quantile);
+    with one difference the interval is unknown (``half_width``, ``low``, ``high``: ``None``).
+
+    Returns ``{'mean', 'half_width', 'low', 'high', 'n', 'confidence', 'differences'}`` (float64 maths).
+    """
+    from scipy import stats
+
+    d = np.asarray(differences, np.float64)
+    if d.ndim != 1 or not d.size:
+        raise ValueError(f"paired_interval needs a non-empty [n] array of differences, got shape {d.shape}.")
+    mean = float(d.mean())
+    half = None
+    if d.size > 1:
+        half = float(stats.t.ppf(0.5 + confidence / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
+    return {"mean": mean, "half_width": half, "low": None if half is None else mean - half,
+            "high": None if half is None else mean + half, "n": int(d.size), "confidence": confidence,
+            "differences": d.tolist()}

@@ -3,6 +3,7 @@
     python -m softnce.data.fashion_mnist                                  # once: prepare the data
     python experiments/fair_comparison.py --out runs/fair_comparison       # the protocol (about 80 min, 2 cores)
     python experiments/fair_comparison.py --quick --out runs/fair_quick    # the whole pipeline in about 2 minutes
+    python experiments/fair_comparison.py --setting long --out runs/fair_long  # the long regime (about 90 min)
 
 The regime (:data:`SETTINGS` ``'full'``): the small CNN of ``configs/fashion_mnist.py`` trained on the
 first 10,000 of the 54,000 training images left after the validation split, for 3,000 steps of batch
@@ -30,6 +31,11 @@ Phases, each a sweep (:mod:`softnce.experiments.sweep`) in its own folder of ``-
 4. ``report.md`` and ``summary.json`` in ``--out``: the regime, the choices, the test table (mean ±
    std over the seeds) and STI's paired differences against every loss (mean ± std of the per-seed
    differences, wins out of the seeds), raw and post-hoc calibrated.
+
+The long regime (``--setting long``): all 54,000 training images, 10,000 steps, NLL, soft CE and STI,
+4 learning rates each (widened by 2x at an edge), 5 seeds, and an equivalence test of STI - soft CE in
+test top-1 with a margin of +-0.3 points declared before the runs (:func:`equivalence`): 2 + 12 + 15
+runs, 274,000 steps, about 89 minutes.
 
 Budget: 2 + 45 (+ widening) + 25 runs, 214,000 steps; at ~55 steps/s of the small CNN on 2 quiet
 cores (validation every 250 steps included) and ~12 s of start-up and evaluation per run, about 79
@@ -71,6 +77,8 @@ class Setting:
     validation_every_steps: int  # the learning curves' resolution
     baseline_steps: int  # today's protocol (all data, no input augmentation) for the regime figure
     overrides: tuple[tuple[str, Any], ...] = ()  # further config fields of every run
+    losses: tuple[str, ...] = comparison.LOSSES  # the losses compared (the command line's default)
+    equivalence_margin: Optional[float] = None  # the declared margin m of test top-1 (a fraction), or None
 
 
 SETTINGS = {
@@ -78,6 +86,16 @@ SETTINGS = {
         steps=3000, num_train_examples=10000, random_crop_padding=0, random_flip=False,
         base_lrs=tuple(TODAY_LR * 4.0**k for k in range(-2, 3)), temperatures=(0.5, 1.0, 2.0), widen_factor=4.0,
         max_widenings=2, selection_seed=0, seeds=(1, 2, 3, 4, 5), validation_every_steps=250, baseline_steps=2000,
+    ),
+    # The long regime: all 54,000 training images, 10,000 steps of batch 128 (24 epochs), NLL, soft CE and
+    # STI (t = 1) each at the best of 4 learning rates on validation, then 5 seeds. The equivalence margin
+    # was declared before any run: STI and soft CE are equivalent when the 90% t-interval of STI - soft CE
+    # (test top-1, paired by seed) lies within +-0.3 points (two one-sided tests at 5%).
+    "long": Setting(
+        steps=10000, num_train_examples=None, random_crop_padding=0, random_flip=False,
+        base_lrs=(5e-4, 1e-3, 2e-3, 4e-3), temperatures=(1.0,), widen_factor=2.0, max_widenings=2, selection_seed=0,
+        seeds=(1, 2, 3, 4, 5), validation_every_steps=1000, baseline_steps=2000,
+        losses=("nll", "soft_target_cross_entropy", "soft_target_infonce"), equivalence_margin=0.003,
     ),
     # The whole pipeline on a smaller grid, a smaller model and a few steps (a check, not a result).
     "quick": Setting(
@@ -266,6 +284,8 @@ def run(setting: Setting, *, out: str, losses: Sequence[str] = comparison.LOSSES
                                          "diverged": bool(r.get("diverged"))} for r in runs["metrics"]]
                                  for loss, runs in selection["results"].items()}},
         "test": final_summary(final["results"]), "paired": paired_summary(final["results"]),
+        "equivalence": (None if setting.equivalence_margin is None
+                        else equivalence(final["results"], setting.equivalence_margin)),
         "invocation_seconds": seconds, "run_seconds": run_seconds, "complete": True,
     }
     sweep.write_json(os.path.join(out, "summary.json"), summary)
@@ -277,6 +297,28 @@ def run(setting: Setting, *, out: str, losses: Sequence[str] = comparison.LOSSES
     log(f"fair comparison done in {sweep.format_seconds(seconds['total'])}; wrote {out}/report.md, summary.json, "
         "regime.png, selection/sweep.png, final/table.md")
     return summary
+
+
+def equivalence(results: dict, margin: float, a: str = comparison.REFERENCE_LOSS, b: str = SOFT,
+                metric: str = "top1", confidence: float = 0.90) -> dict:
+    """Whether ``a`` and ``b`` are equivalent in test ``metric`` within the declared ``margin``.
+
+    Two one-sided tests at level ``(1 - confidence) / 2`` each: equivalent when the ``confidence``
+    t-interval of the per-seed differences ``d_s = m_a(s) - m_b(s)``
+    (:func:`softnce.experiments.comparison.paired_interval`) lies inside ``(-margin, +margin)``.
+    Returns ``{'pair', 'metric', 'margin', 'interval', 'equivalent', 'verdict'}``.
+    """
+    differences = comparison.paired_differences(results, a, b, metric)
+    if differences is None or len(differences) < 2:
+        raise ValueError(f"equivalence needs at least 2 seeds of both {a} and {b} with test {metric}.")
+    interval = comparison.paired_interval(differences, confidence=confidence)
+    inside = -margin < interval["low"] and interval["high"] < margin
+    verdict = (f"{a} - {b}: {100 * interval['mean']:+.2f} points, {int(100 * confidence)}% interval "
+               f"[{100 * interval['low']:+.2f}, {100 * interval['high']:+.2f}], "
+               + (f"inside the margin +-{100 * margin:.2f}: equivalent" if inside
+                  else f"not inside the margin +-{100 * margin:.2f}: equivalence not shown"))
+    return {"pair": f"{a} - {b}", "metric": metric, "margin": margin, "interval": interval, "equivalent": inside,
+            "verdict": verdict}
 
 
 def report_markdown(summary: dict, selection_table: str, final_tables: str) -> str:
@@ -293,8 +335,10 @@ def report_markdown(summary: dict, selection_table: str, final_tables: str) -> s
     seconds, run_seconds = summary["invocation_seconds"], summary["run_seconds"]
     lines += ["", "## Selection (validation split, seed %d)\n" % summary["selection"]["seed"], selection_table, "",
               "## Test split at the chosen values (seeds %s)\n" % ", ".join(map(str, summary["setting"]["seeds"])),
-              final_tables, "",
-              "Time of the training runs (summed over runs, kept when a sweep resumes): "
+              final_tables, ""]
+    if summary.get("equivalence"):
+        lines += ["## Equivalence (declared before the runs)\n", summary["equivalence"]["verdict"] + ".", ""]
+    lines += ["Time of the training runs (summed over runs, kept when a sweep resumes): "
               + ", ".join(f"{k} {sweep.format_seconds(v)}" for k, v in run_seconds.items())
               + "; this invocation: " + ", ".join(f"{k} {sweep.format_seconds(v)}" for k, v in seconds.items())
               + ".\n"]
@@ -308,8 +352,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="Every loss tuned on validation in a regime where soft targets pay "
                                      "off, then compared on the test split (softnce.experiments.fair_comparison).")
     parser.add_argument("--quick", action="store_true", help="the whole pipeline in about 2 minutes (a check)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/fair_comparison[_quick])")
-    parser.add_argument("--losses", default=",".join(comparison.LOSSES), help="comma-separated registered loss names")
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default=None,
+                        help="full (default), long (all data, 10,000 steps, the equivalence test) or quick (= --quick)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/fair_comparison[_<setting>])")
+    parser.add_argument("--losses", default=None, help="comma-separated registered loss names (default: the setting's)")
     parser.add_argument("--data_dir", default=None, help="tfds data directory (default ~/tensorflow_datasets)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field of every run, e.g. --set data.batch_size=64 (repeatable)")
@@ -318,9 +364,12 @@ def main(argv=None) -> dict:
     from softnce.data import fashion_mnist
 
     fashion_mnist.load_split(args.data_dir, "train")  # an unprepared data_dir fails here, before any training
-    setting = SETTINGS["quick" if args.quick else "full"]
-    out = args.out or ("runs/fair_comparison_quick" if args.quick else "runs/fair_comparison")
-    losses = [loss for loss in args.losses.split(",") if loss]
+    if args.quick and args.setting not in (None, "quick"):
+        parser.error(f"--quick is --setting quick; it does not go with --setting {args.setting}.")
+    name = "quick" if args.quick else (args.setting or "full")
+    setting = SETTINGS[name]
+    out = args.out or ("runs/fair_comparison" if name == "full" else f"runs/fair_comparison_{name}")
+    losses = [loss for loss in args.losses.split(",") if loss] if args.losses else list(setting.losses)
     return run(setting, out=out, losses=losses, data_dir=args.data_dir, overrides=comparison.parse_overrides(args.set))
 
 

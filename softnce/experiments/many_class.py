@@ -34,8 +34,8 @@ Protocol (:data:`SETTINGS` ``'full'``), every training run through the resumable
    paired differences STI - soft CE, InfoNCE - NLL and soft CE - NLL (the recipe's own effect at
    C = 10) of test top-1, NLL and NLL at the validation-fitted ``t*``: per seed ``d_s = m_A(s) -
    m_B(s)``, their mean and the 95% t-interval ``mean +- t_{0.975, n-1} std(d) / sqrt(n)``
-   (:func:`paired_interval`); the figure plots them against C (``M = 256``) and against M
-   (``C = 1000``, STI - soft CE). Per cell also the class make-up of a batch
+   (:func:`softnce.experiments.comparison.paired_interval`); the figure plots them against C (``M = 256``)
+   and against M (``C = 1000``, STI - soft CE). Per cell also the class make-up of a batch
    (:func:`batch_statistics`): the share of a positive's ``M - 1`` negatives of its own class and
    the share of the C classes absent from the batch, for uniform labels and for the actual training
    labels. And per C and loss the chosen ``base_lr`` and ``t``, whether each lies at an edge of its
@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -258,28 +257,6 @@ def final_cell(setting: Setting, k: int, batch_size: int, losses: Sequence[str],
 # --------------------------------------------------------------------------------------------------
 
 
-def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> dict:
-    """The mean of ``n`` paired differences ``d`` and its t-interval.
-
-    ``mean +- t_{(1 + confidence) / 2, n - 1} * std(d, ddof=1) / sqrt(n)`` (scipy's Student t quantile);
-    with one difference the interval is unknown (``half_width``, ``low``, ``high``: ``None``).
-
-    Returns ``{'mean', 'half_width', 'low', 'high', 'n', 'confidence', 'differences'}`` (float64 maths).
-    """
-    from scipy import stats
-
-    d = np.asarray(differences, np.float64)
-    if d.ndim != 1 or not d.size:
-        raise ValueError(f"paired_interval needs a non-empty [n] array of differences, got shape {d.shape}.")
-    mean = float(d.mean())
-    half = None
-    if d.size > 1:
-        half = float(stats.t.ppf(0.5 + confidence / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
-    return {"mean": mean, "half_width": half, "low": None if half is None else mean - half,
-            "high": None if half is None else mean + half, "n": int(d.size), "confidence": confidence,
-            "differences": d.tolist()}
-
-
 def cell_differences(results: dict, pairs: Sequence[tuple[str, str]] = PAIRS,
                      metrics: Sequence[str] = DIFFERENCE_METRICS) -> dict:
     """``{'A - B': {metric: paired_interval}}`` of the ``pairs`` both present in ``results`` (a final sweep's
@@ -288,7 +265,7 @@ def cell_differences(results: dict, pairs: Sequence[tuple[str, str]] = PAIRS,
     for a, b in pairs:
         if a in results and b in results:
             found = {m: comparison.paired_differences(results, a, b, m) for m in metrics}
-            out[f"{a} - {b}"] = {m: paired_interval(d) for m, d in found.items() if d is not None}
+            out[f"{a} - {b}"] = {m: comparison.paired_interval(d) for m, d in found.items() if d is not None}
     return out
 
 
