@@ -71,7 +71,7 @@ def test_datasets_are_not_imported_until_built():
     """Importing the registries and checking a config naming a tfds dataset imports neither tfds nor its module."""
     code = (
         "import sys\n"
-        "from softnce import train\n"
+        "from softnce import assembly\n"
         "from softnce.configs import vit_finetune\n"
         "assembly.validate_config(vit_finetune.get_config('dataset=cifar100,model=vit_tiny'))\n"
         "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets', 'softnce.data.images') if m in sys.modules))\n"

@@ -402,9 +402,9 @@ def run_experiment(settings: Settings = FULL, out_dir: Optional[str] = None,
                 m, seed = run_ms[r // settings.seeds], r % settings.seeds
                 d = datas[seed]
                 nv, nt = len(d.val.labels), len(d.test.labels)
-                metrics, sums, _ = run_metrics(d, logits[r, :nv], logits[r, nv : nv + nt])
+                found, sums, _ = run_metrics(d, logits[r, :nv], logits[r, nv : nv + nt])
                 m_name = "hard" if method.hard_labels else toy.annotators_name(m)
-                rows.append({"prior": prior, "method": method.name, "m": m_name, "seed": seed, **metrics})
+                rows.append({"prior": prior, "method": method.name, "m": m_name, "seed": seed, **found})
                 if seed == 0:
                     probs = np.exp(log_softmax(logits[r, nv + nt :], axis=1))
                     for name in learned[prior] if method.hard_labels else [m_name]:
