@@ -560,6 +560,23 @@ def soft_distribution_infonce(
     )
 
 
+def soft_distribution_cross_entropy(
+    logits: Array, targets: Array, rng: Array, *, temperature: float = 1.0, where: Optional[Array] = None
+) -> Array:
+    """Cross-entropy on sampled hard labels: :func:`nll` on ``y_i ~ Categorical(a_i)``, ``[N]``.
+
+    In expectation over the draw it is :func:`soft_target_cross_entropy` (``E_y[-log p_y] = -sum_c a_c log
+    p_c``), so on mixed inputs it separates the effect of input mixing (the inputs are mixed either way)
+    from that of training on soft targets (here each example sees one hard label a step). ``rng``: the
+    draw's key (the trainer's ``LossInputs.rng`` differs per device and per step). ``where`` as :func:`nll`.
+    """
+    fn = "soft_distribution_cross_entropy"
+    where = _check_where(fn, logits, where)
+    _check_targets(fn, logits, targets)
+    _value_checks(fn, logits, where, None, targets=targets)
+    return nll(logits, sample_hard_labels(rng, _mask_rows(where, targets)), temperature=temperature, where=where)
+
+
 def _check_structured(fn: str, logits, targets: StructuredTargets, where=None) -> None:
     _check_logits(fn, logits)
     n = logits.shape[0]
@@ -849,6 +866,12 @@ def _sampled_infonce(logits, inputs: LossInputs):
     return soft_distribution_infonce(
         logits, inputs.targets, inputs.rng, rng_per_device=True, **inputs.contrastive_options
     )
+
+
+@register_loss("soft_distribution_cross_entropy")
+def _sampled_cross_entropy(logits, inputs: LossInputs):
+    return soft_distribution_cross_entropy(logits, inputs.targets, inputs.rng, temperature=inputs.temperature,
+                                           where=inputs.where)
 
 
 @register_loss("soft_distribution_infonce_premix", uses_noise_prior=True)

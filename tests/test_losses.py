@@ -353,6 +353,29 @@ def test_soft_distribution_infonce_with_one_hot_targets_is_infonce(batch):
     )
 
 
+def test_soft_distribution_cross_entropy_is_nll_on_the_drawn_labels_and_soft_ce_on_average():
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(6, 5)) * 2
+    targets = rng.dirichlet(np.ones(5), size=6)
+    key = jax.random.key(3)
+    drawn = np.asarray(sample_hard_labels(key, jnp.asarray(targets, jnp.float32)))
+    z = logits / 2.0  # float64 reference at t = 2
+    log_p = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    got = losses.soft_distribution_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets, jnp.float32),
+                                                 key, temperature=2.0)
+    np.testing.assert_allclose(got, -log_p[np.arange(6), drawn], rtol=1e-5)
+    # Averaged over many draws it is the soft-target cross-entropy -sum_c a_c log p_c.
+    keys = jax.random.split(jax.random.key(4), 4000)
+    mean = jax.vmap(lambda k: losses.soft_distribution_cross_entropy(
+        jnp.asarray(logits, jnp.float32), jnp.asarray(targets, jnp.float32), k, temperature=2.0))(keys).mean(0)
+    np.testing.assert_allclose(mean, -(targets * log_p).sum(1), rtol=0.05)
+    where = jnp.array([True, True, False, True, True, True])
+    masked = losses.soft_distribution_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets, jnp.float32),
+                                                    key, temperature=2.0, where=where)
+    assert float(masked[2]) == 0.0 and np.all(np.isfinite(np.asarray(masked)))
+    assert losses.get_loss("soft_distribution_cross_entropy").uses_noise_prior is False
+
+
 def test_sampled_labels_follow_target_distribution():
     probs = np.array([0.5, 0.3, 0.15, 0.05, 0.0])
     draws = 20_000
