@@ -11,6 +11,9 @@
   (the digits and Fashion-MNIST comparisons; a sweep of one point per loss).
 * :mod:`~softnce.experiments.fair_comparison`: every loss tuned on validation in a Fashion-MNIST regime where
   soft targets pay off, then compared on the test split over seeds.
+* :mod:`~softnce.experiments.baselines`: strong baselines and attribution (label smoothing alone, a
+  weight-decayed NLL, input mixing without soft targets, InfoNCE's temperature) in the fair comparison's
+  regime, each loss chosen by validation top-1 and by validation NLL.
 * :mod:`~softnce.experiments.many_class`: STI against soft-target CE (and InfoNCE against NLL) on Fashion-MNIST
   k-tuples as the classes (10 to 1,000) and the batch grow, each loss tuned on validation per C.
 * :mod:`~softnce.experiments.distillation`: knowledge distillation on Fashion-MNIST, a teacher CNN then the
