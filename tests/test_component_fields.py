@@ -199,3 +199,40 @@ def test_command_line_field_errors_are_one_line(args, message, tmp_path, cli_env
     errors = [line for line in proc.stderr.splitlines() if line.startswith("softnce: error: ")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_user_nnx_model_resumes_exactly_through_the_command_line(tmp_path, cli_env, user_module):
+    """SIGTERM during a run of the user's NNX model (BatchNorm, Dropout) and focal loss on 8 devices: the rerun
+    resumes and ends with the variables of an uninterrupted run."""
+    import signal
+
+    from softnce import inference
+
+    env = dict(cli_env, PYTHONPATH=os.path.join(REPO, "tests"))
+    fields = ["--config.loss.gamma=1.5", "--config.model.width=24", "--config.num_train_steps=300",
+              "--config.log_every_steps=5", "--config.checkpoint_every_steps=1000000", "--config.eval_every_steps=300"]
+
+    def command(workdir):
+        cmd = main_command(tmp_path, *fields, devices=8, model="user_nnx")
+        return [*cmd[:-1], f"--workdir={workdir}"]
+
+    straight = subprocess.run(command(tmp_path / "straight"), cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-3000:]
+    proc = subprocess.Popen(command(tmp_path / "stopped"), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "stopped at step" in out, out[-3000:]
+    stopped = int(out.split("stopped at step ")[1].split()[0])
+    assert 5 <= stopped < 300
+    again = subprocess.run(command(tmp_path / "stopped"), cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and f"resumed from the checkpoint of step {stopped}" in again.stdout, \
+        (again.stdout + again.stderr)[-3000:]
+    resumed, whole = inference.load(str(tmp_path / "stopped")), inference.load(str(tmp_path / "straight"))
+    assert resumed.step == whole.step == 300
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), resumed.variables, whole.variables)
