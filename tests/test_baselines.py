@@ -31,7 +31,7 @@ def test_quick_baselines_end_to_end(prepared, tmp_path):  # noqa: F811
     out = tmp_path / "baselines"
     sets = ["data.batch_size=32", "data.eval_batch_size=16", "model.channels=(4, 8)", "model.hidden=16"]
     summary = baselines.main(["--quick", "--comparison", str(summary_path), "--data_dir", data_dir, "--out", str(out),
-                              *[arg for s in sets for arg in ("--set", s)]])
+                              *[f"--config.{s}" for s in sets]])
     groups = baselines.SETTINGS["quick"].groups
     # Stage 1: every group's learning rate; stage 2: the weight decay at that learning rate (validation only).
     first = json.load(open(out / "selection_lr" / "results.json"))["results"]

@@ -312,7 +312,7 @@ def test_comparison_script_end_to_end(prepared, tmp_path):
             "optim.warmup_steps=1"]
     result = comparison.main("fashion_mnist", [
         "--seeds", "1", "--steps", "2", "--losses", "nll,soft_target_infonce", "--data_dir", data_dir,
-        "--out", str(out), *[arg for s in sets for arg in ("--set", s)],
+        "--out", str(out), *[f"--config.{s}" for s in sets],
     ])
     runs = result["results"]
     assert [r["seed"] for r in runs["nll"]["metrics"]] == [0]
@@ -328,7 +328,7 @@ def test_comparison_script_end_to_end(prepared, tmp_path):
     # Running again with more seeds keeps the finished run and trains only the new seed.
     again = comparison.main("fashion_mnist", [
         "--seeds", "2", "--steps", "2", "--losses", "nll", "--data_dir", data_dir, "--out", str(out),
-        *[arg for s in sets for arg in ("--set", s)],
+        *[f"--config.{s}" for s in sets],
     ])["results"]["nll"]["metrics"]
     assert [r["seed"] for r in again] == [0, 1]
     assert again[0] == runs["nll"]["metrics"][0]
@@ -343,7 +343,7 @@ def test_fair_comparison_quick_end_to_end(prepared, tmp_path):
     sets = ["data.batch_size=32", "data.eval_batch_size=16", "model.channels=(4, 8)", "model.hidden=16"]
     losses = ["nll", "soft_target_cross_entropy", "soft_target_infonce"]
     summary = fair_comparison.main(["--quick", "--losses", ",".join(losses), "--data_dir", data_dir, "--out", str(out),
-                                    *[arg for s in sets for arg in ("--set", s)]])
+                                    *[f"--config.{s}" for s in sets]])
     # Selection: 2 learning rates per loss, times 2 temperatures for STI, on validation only.
     selection = json.load(open(out / "selection" / "results.json"))["results"]
     assert [len(selection[loss]["metrics"]) for loss in losses] == [2, 2, 4]
@@ -402,7 +402,7 @@ def test_distillation_experiment_end_to_end(prepared, tmp_path):
     teacher = ["model.channels=(8, 8)", "model.hidden=16"]
     argv = ["--seeds", "1", "--steps", "2", "--teacher_steps", "2", "--tau", "2.0", "--data_dir", data_dir,
             "--out", str(out),
-            *[arg for s in sets for arg in ("--set", s)], *[arg for s in teacher for arg in ("--teacher_set", s)]]
+            *[f"--config.{s}" for s in sets], *[f"--teacher_config.{s}" for s in teacher]]
     result = distillation.main(argv)
     teacher_config = json.load(open(out / "teacher" / "config.json"))
     assert teacher_config["loss"]["name"] == "nll" and teacher_config["model"]["convs_per_stage"] == 2

@@ -260,15 +260,15 @@ def main(argv=None) -> dict:
     from absl import logging
 
     parser = argparse.ArgumentParser(description="Strong baselines and attribution in the fair comparison's regime, "
-                                     "each loss chosen by validation top-1 and NLL (softnce.experiments.baselines).")
+                                     "each loss chosen by validation top-1 and NLL (softnce.experiments.baselines).",
+                                     epilog=comparison.OVERRIDES_HELP)
     parser.add_argument("--quick", action="store_true", help="the whole pipeline in 1-2 minutes (a check)")
     parser.add_argument("--out", default=None, help="output folder (default runs/baselines[_quick])")
     parser.add_argument("--comparison", default=DEFAULT_COMPARISON,
                         help="the fair comparison's summary.json (its selection points and test values)")
     parser.add_argument("--data_dir", default=None, help="tfds data directory (default ~/tensorflow_datasets)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a config field of every run (repeatable)")
-    args = parser.parse_args(argv)
+    overrides, rest = comparison.config_overrides(argv)
+    args = parser.parse_args(rest)
     logging.set_verbosity(logging.WARNING)
     from softnce.data import fashion_mnist
 
@@ -280,7 +280,7 @@ def main(argv=None) -> dict:
     setting = SETTINGS["quick" if args.quick else "full"]
     out = args.out or ("runs/baselines_quick" if args.quick else "runs/baselines")
     return run(setting, out=out, comparison_summary=comparison_summary, data_dir=args.data_dir,
-               overrides=comparison.parse_overrides(args.set))
+               overrides=overrides)
 
 
 if __name__ == "__main__":

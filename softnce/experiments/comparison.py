@@ -36,6 +36,7 @@ import ast
 import json
 import math
 import os
+import sys
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -219,10 +220,12 @@ COMPARISONS = {  # name -> (config module of softnce.configs, default steps (Non
 }
 
 
-def parse_args(name: str, argv=None) -> argparse.Namespace:
+def parse_args(name: str, argv=None) -> tuple[argparse.Namespace, dict]:
+    """``(arguments, config overrides)`` of the comparison ``name``'s command line."""
     _, default_steps, _ = COMPARISONS[name]
     parser = argparse.ArgumentParser(
-        description=f"The losses on {name} over several seeds (softnce.experiments.comparison)."
+        description=f"The losses on {name} over several seeds (softnce.experiments.comparison).",
+        epilog=OVERRIDES_HELP,
     )
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds per loss")
     parser.add_argument(
@@ -233,28 +236,31 @@ def parse_args(name: str, argv=None) -> argparse.Namespace:
         "--data_dir", default=None, help="tfds data directory (tfds datasets; default ~/tensorflow_datasets)"
     )
     parser.add_argument("--out", default=f"runs/{name}_comparison", help="output folder")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a config field, e.g. --set data.batch_size=64 (repeatable)",
-    )
-    return parser.parse_args(argv)
+    overrides, rest = config_overrides(argv)
+    return parser.parse_args(rest), overrides
 
 
-def parse_overrides(items: Sequence[str]) -> dict:
-    """``['data.batch_size=64', ...]`` -> ``{'data.batch_size': 64, ...}`` (Python literals, else strings)."""
+def config_overrides(argv: Optional[Sequence[str]], name: str = "config") -> tuple[dict, list[str]]:
+    """``({field: value}, the other arguments)`` of a command line: its ``--config.<field>=<value>`` (or
+    ``--<name>.<field> <value>``) overrides, the values read as Python literals (else kept as strings), the
+    convention of every command line of the package (``softnce.main``, ``softnce.evaluate``). A bad
+    override is one line, ``softnce: error: ...``, and exit code 2."""
+    from softnce import cli
+
+    try:
+        raw, rest = cli.split_overrides(list(sys.argv[1:] if argv is None else argv), name)
+    except cli.UsageError as error:
+        cli.fail(error)
     overrides = {}
-    for item in items:
-        field, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r} must look like FIELD=VALUE.")
+    for field, text in raw.items():
         try:
-            overrides[field] = ast.literal_eval(raw)
+            overrides[field] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            overrides[field] = raw
-    return overrides
+            overrides[field] = text
+    return overrides, rest
+
+
+OVERRIDES_HELP = "Any --config.<field>=<value> overrides that field of every run, e.g. --config.data.batch_size=64."
 
 
 def main(name: str, argv=None) -> dict:
@@ -263,11 +269,10 @@ def main(name: str, argv=None) -> dict:
 
     from absl import logging
 
-    args = parse_args(name, argv)
+    args, overrides = parse_args(name, argv)
     logging.set_verbosity(logging.WARNING)
     module, _, title = COMPARISONS[name]
     config_module = importlib.import_module(f"softnce.configs.{module}")
-    overrides = parse_overrides(args.set)
     if name == "fashion_mnist":
         from softnce.data import fashion_mnist
 

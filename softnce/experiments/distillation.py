@@ -51,8 +51,13 @@ TITLE = "Fashion-MNIST test set"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, with ``config`` (``--config.<field>=<value>``: every run) and ``teacher_config``
+    (``--teacher_config.<field>=<value>``: the teacher's run only) overrides."""
     parser = argparse.ArgumentParser(description="Knowledge distillation on Fashion-MNIST (softnce.experiments."
-                                     "distillation): a teacher CNN, then the small CNN on its targets over seeds.")
+                                     "distillation): a teacher CNN, then the small CNN on its targets over seeds.",
+                                     epilog=comparison.OVERRIDES_HELP + " Any --teacher_config.<field>=<value> "
+                                     "overrides a field of the teacher's config only, e.g. "
+                                     "--teacher_config.model.hidden=128.")
     parser.add_argument("--seeds", type=int, default=3, help="student seeds (default %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="student training steps (default: the config's)")
     parser.add_argument("--teacher_steps", type=int, default=TEACHER_STEPS, help="teacher steps (default %(default)s)")
@@ -64,12 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the distilled students' recipe: off (default) or auto (smoothing + MixUp/CutMix)")
     parser.add_argument("--data_dir", default=None, help="tfds data directory (default ~/tensorflow_datasets)")
     parser.add_argument("--out", default="runs/fashion_distillation", help="output folder")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a config field of every run, e.g. --set data.batch_size=64 (repeatable; the "
-                             "teacher's model is then set by --teacher_set)")
-    parser.add_argument("--teacher_set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a field of the teacher's config only, e.g. --teacher_set model.hidden=128")
-    return parser.parse_args(argv)
+    teacher_overrides, rest = comparison.config_overrides(argv, "teacher_config")
+    overrides, rest = comparison.config_overrides(rest)
+    args = parser.parse_args(rest)
+    args.config, args.teacher_config = overrides, teacher_overrides
+    return args
 
 
 def _fashion_config(loss: str, seed: int, steps: Optional[int], augment: str, data_dir, overrides: dict):
@@ -86,16 +90,15 @@ def teacher_config(args: argparse.Namespace):
     """The teacher's config: NLL on hard labels, :data:`TEACHER_MODEL`, ``--teacher_steps``."""
     import ml_collections
 
-    config = _fashion_config(BASELINE, TEACHER_SEED, args.teacher_steps, "auto", args.data_dir,
-                             comparison.parse_overrides(args.set))
+    config = _fashion_config(BASELINE, TEACHER_SEED, args.teacher_steps, "auto", args.data_dir, args.config)
     config.model = ml_collections.ConfigDict(TEACHER_MODEL)
-    config.update_from_flattened_dict(comparison.parse_overrides(args.teacher_set))
+    config.update_from_flattened_dict(args.teacher_config)
     return config
 
 
 def student_config_fn(args: argparse.Namespace, teacher_workdir: str):
     """``make_config(loss, seed)`` for :func:`~softnce.experiments.comparison.run_grid`."""
-    overrides = comparison.parse_overrides(args.set)
+    overrides = args.config
 
     def make_config(loss: str, seed: int):
         augment = "auto" if loss == BASELINE else args.augment

@@ -350,16 +350,16 @@ def main(argv=None) -> dict:
     from absl import logging
 
     parser = argparse.ArgumentParser(description="Every loss tuned on validation in a regime where soft targets pay "
-                                     "off, then compared on the test split (softnce.experiments.fair_comparison).")
+                                     "off, then compared on the test split (softnce.experiments.fair_comparison).",
+                                     epilog=comparison.OVERRIDES_HELP)
     parser.add_argument("--quick", action="store_true", help="the whole pipeline in about 2 minutes (a check)")
     parser.add_argument("--setting", choices=sorted(SETTINGS), default=None,
                         help="full (default), long (all data, 10,000 steps, the equivalence test) or quick (= --quick)")
     parser.add_argument("--out", default=None, help="output folder (default runs/fair_comparison[_<setting>])")
     parser.add_argument("--losses", default=None, help="comma-separated registered loss names (default: the setting's)")
     parser.add_argument("--data_dir", default=None, help="tfds data directory (default ~/tensorflow_datasets)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a config field of every run, e.g. --set data.batch_size=64 (repeatable)")
-    args = parser.parse_args(argv)
+    overrides, rest = comparison.config_overrides(argv)
+    args = parser.parse_args(rest)
     logging.set_verbosity(logging.WARNING)
     from softnce.data import fashion_mnist
 
@@ -370,7 +370,7 @@ def main(argv=None) -> dict:
     setting = SETTINGS[name]
     out = args.out or ("runs/fair_comparison" if name == "full" else f"runs/fair_comparison_{name}")
     losses = [loss for loss in args.losses.split(",") if loss] if args.losses else list(setting.losses)
-    return run(setting, out=out, losses=losses, data_dir=args.data_dir, overrides=comparison.parse_overrides(args.set))
+    return run(setting, out=out, losses=losses, data_dir=args.data_dir, overrides=overrides)
 
 
 if __name__ == "__main__":

@@ -519,21 +519,20 @@ def main(argv=None) -> dict:
     from absl import logging
 
     parser = argparse.ArgumentParser(description="STI against soft-target CE (and InfoNCE against NLL) on "
-                                     "Fashion-MNIST k-tuples as C and M grow (softnce.experiments.many_class).")
+                                     "Fashion-MNIST k-tuples as C and M grow (softnce.experiments.many_class).",
+                                     epilog=comparison.OVERRIDES_HELP)
     parser.add_argument("--quick", action="store_true", help="the whole pipeline in 1-2 minutes (a check)")
     parser.add_argument("--out", default=None, help="output folder (default runs/many_class[_quick])")
     parser.add_argument("--data_dir", default=None, help="tfds data directory (default ~/tensorflow_datasets)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a config field of every run but the cell's batch, steps, warm-up and data "
-                        "seed, e.g. --set data.num_train=30000 (repeatable)")
-    args = parser.parse_args(argv)
+    overrides, rest = comparison.config_overrides(argv)
+    args = parser.parse_args(rest)
     logging.set_verbosity(logging.WARNING)
     from softnce.data import fashion_mnist
 
     fashion_mnist.load_split(args.data_dir, "train")  # an unprepared data_dir fails here, before any training
     setting = SETTINGS["quick" if args.quick else "full"]
     out = args.out or ("runs/many_class_quick" if args.quick else "runs/many_class")
-    return run(setting, out=out, data_dir=args.data_dir, overrides=comparison.parse_overrides(args.set))
+    return run(setting, out=out, data_dir=args.data_dir, overrides=overrides)
 
 
 if __name__ == "__main__":
