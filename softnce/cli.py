@@ -1,9 +1,10 @@
 """Shared command-line plumbing: one-line start-up errors and ``--config.<path>=<value>`` overrides.
 
-Every entry point (``softnce.main``, ``softnce.evaluate``, ``softnce.export``) reports a command
-line it cannot run as exactly one line on stderr, ``softnce: error: <message>``, and exits with
-code 2 (:func:`fail`). The checks here need no jax and no data library, so such an error comes
-before they are imported (in well under 2 s) and before any of their start-up log lines.
+Every entry point (``softnce.main``, ``softnce.evaluate``, ``softnce.export``, data preparation and the
+experiments: :class:`ArgumentParser`) reports a command line it cannot run as exactly one line on
+stderr, ``softnce: error: <message>``, and exits with code 2 (:func:`fail`). The checks here need no jax
+and no data library, so such an error comes before they are imported (in well under 2 s) and before any
+of their start-up log lines.
 
 - :func:`absl_flags_parser` is the ``flags_parser`` of ``absl.app.run`` for ``softnce.main``: a
   config file that does not exist (with the nearest file name as a suggestion), a bad variant key
@@ -17,6 +18,7 @@ before they are imported (in well under 2 s) and before any of their start-up lo
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import os
@@ -41,6 +43,14 @@ def fail(message: Any) -> NoReturn:
     """Prints ``softnce: error: <message>`` (one line) to stderr and exits with code 2."""
     print(f"{PROG}: error: {one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USAGE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The ``argparse`` parser of every command line but ``softnce.main``: an error is one line,
+    ``softnce: error: <message>``, and exit code 2 (:func:`fail`), as ``softnce.main``'s are."""
+
+    def error(self, message):  # argparse's own prints the usage first
+        fail(message)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -151,13 +151,10 @@ def evaluate_checkpoint(
 # --------------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's own prints the usage first)
-        cli.fail(message)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m softnce.evaluate", description=__doc__.split("::")[0].strip(),
+    parser = cli.ArgumentParser(prog="python -m softnce.evaluate", description=__doc__.split("::")[0].strip(),
                      epilog="Any --config.data.<field>=<value> overrides that field of the run's config.")
     parser.add_argument("--workdir", required=True, help="the run's workdir")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")

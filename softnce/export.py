@@ -106,13 +106,10 @@ def export_classifier(classifier, out_dir, *, platforms: Optional[Sequence[str]]
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        cli.fail(message)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m softnce.export", description=__doc__.split("::")[0].strip())
+    parser = cli.ArgumentParser(prog="python -m softnce.export", description=__doc__.split("::")[0].strip())
     parser.add_argument("--workdir", required=True, help="the run's workdir (or one checkpoint directory)")
     parser.add_argument("--out", required=True, help="directory to write the export to (new, empty or an export)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")

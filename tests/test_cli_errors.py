@@ -122,3 +122,16 @@ def test_evaluate_and_export_of_a_missing_run_are_one_line(tmp_path, cli_env):
     rc, out, err, _, _, _ = run_cli(
         "softnce.export", [f"--workdir={tmp_path / 'none'}", f"--out={tmp_path / 'out'}"], tmp_path, cli_env)
     assert_one_line_error(rc, out, err, "does not exist (give a run's workdir or one of its checkpoints)")
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("softnce.experiments.fair_comparison", ["--stpe=3"], "unrecognized arguments: --stpe=3"),
+    ("softnce.experiments.many_class", ["--config.data.batch_size"], "--config.data.batch_size needs a value"),
+    ("softnce.experiments.baselines", ["--quick", "--out"], "argument --out: expected one argument"),
+    ("softnce.experiments.toy", ["--setting=huge"], "argument --setting: invalid choice: 'huge'"),
+    ("softnce.data.fashion_mnist", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("softnce.export", ["--workdir=x"], "the following arguments are required: --out"),
+])
+def test_every_command_line_reports_a_bad_argument_as_one_line(module, args, message, tmp_path, cli_env):
+    rc, out, err, _, _, _ = run_cli(module, args, tmp_path, cli_env)
+    assert_one_line_error(rc, out, err, message)

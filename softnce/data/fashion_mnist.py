@@ -47,6 +47,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
+from softnce import cli
 from softnce.data import array_augment, records
 from softnce.data.arrays import ArrayDataset, carve_validation
 
@@ -321,9 +322,8 @@ def make_fashion_mnist_dataset(config: ml_collections.ConfigDict, *, process_ind
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
 
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Prepare tfds's fashion_mnist for softnce: from the official IDX files on disk, or by download.")
     parser.add_argument("--data_dir", default=None, help="tfds data directory (default ~/tensorflow_datasets)")
     parser.add_argument("--idx_dir", default=DEFAULT_IDX_DIR,

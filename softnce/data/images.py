@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from softnce import config_checks, config_utils
+from softnce import cli, config_checks, config_utils
 from softnce.data import (
     cifar100,
     device_augment,
@@ -339,9 +339,8 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None = None) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
 
-    parser = argparse.ArgumentParser(description="Prepare an image dataset for softnce (tfds, as array_record).")
+    parser = cli.ArgumentParser(description="Prepare an image dataset for softnce (tfds, as array_record).")
     parser.add_argument("--name", required=True, choices=sorted(SPECS))
     parser.add_argument("--data_dir", default=None, help="tfds data directory (default ~/tensorflow_datasets)")
     parser.add_argument("--manual_dir", default=None, help="manual downloads (default <data_dir>/downloads/manual)")

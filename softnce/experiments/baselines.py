@@ -36,13 +36,13 @@ Protocol, every run through the resumable sweep runner, in ``--out``:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import time
 from typing import Any, Callable, Optional
 
+from softnce import cli
 from softnce.experiments import comparison, fair_comparison, sweep
 
 # group -> (registered loss, fixed config fields, (the field tuned after the learning rate, its grid, widening factor))
@@ -259,7 +259,7 @@ def main(argv=None) -> dict:
     """The command line (``experiments/baselines.py``)."""
     from absl import logging
 
-    parser = argparse.ArgumentParser(description="Strong baselines and attribution in the fair comparison's regime, "
+    parser = cli.ArgumentParser(description="Strong baselines and attribution in the fair comparison's regime, "
                                      "each loss chosen by validation top-1 and NLL (softnce.experiments.baselines).",
                                      epilog=comparison.OVERRIDES_HELP)
     parser.add_argument("--quick", action="store_true", help="the whole pipeline in 1-2 minutes (a check)")

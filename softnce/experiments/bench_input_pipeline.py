@@ -51,7 +51,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import io
 import multiprocessing
 import os
@@ -59,6 +58,8 @@ import tempfile
 import time
 
 from PIL import Image
+
+from softnce import cli
 
 SIZE = 224
 RECIPE = dict(auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25, re_mode="pixel")
@@ -260,7 +261,7 @@ def have_timm() -> bool:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="measuring time of each rate")
     parser.add_argument("--device-batch", type=int, default=32, help="batch of the device-half measurement")
     parser.add_argument("--image-size", type=int, default=SIZE, help="crop side S (the recipe: 224)")

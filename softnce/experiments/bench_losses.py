@@ -41,6 +41,7 @@ import time
 
 import numpy as np
 
+from softnce import cli
 from softnce.experiments.machine import machine_description, mem_available_bytes
 
 LABEL_SMOOTHING = 0.1
@@ -258,7 +259,7 @@ def format_table(rows) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="N = M values")

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softnce import losses, targets
+from softnce import cli, losses, targets
 from softnce.experiments.machine import markdown_table, mem_available_bytes, run_header
 
 VARIANTS = ("optax_ce", "dense_sti", "structured_sti", "blockwise_sti")
@@ -240,7 +240,7 @@ def format_comm_table(classes, batches, devices, k: int, param_counts: dict) -> 
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, nargs="+", default=[1000, 21843], help="C values")
     parser.add_argument("--batches", type=int, nargs="+", default=[1024, 4096, 16384], help="N = M values")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up")

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softnce import assembly, distributed, losses, steps
+from softnce import assembly, cli, distributed, losses, steps
 from softnce.configs import vit_finetune
 from softnce.experiments.machine import markdown_table, run_header
 from softnce.models import vit
@@ -137,7 +137,7 @@ def format_table(times: dict, batch: int) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, default=100, help="C (100: CIFAR-100)")
     parser.add_argument("--batch", type=int, default=128, help="global batch")
     parser.add_argument("--image-size", type=int, default=32)

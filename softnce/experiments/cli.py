@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 from typing import Any, Optional
+
+from softnce import cli
 
 
 def parse_settings(
@@ -27,7 +28,7 @@ def parse_settings(
     Returns:
       ``(settings with the overrides applied, --out or None)``.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = cli.ArgumentParser(description=description)
     parser.add_argument("--setting", choices=sorted(settings), default="full", help="grid size (default full)")
     parser.add_argument("--out", default=None, help=out_help)
     for field, kwargs in overrides.items():

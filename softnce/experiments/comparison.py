@@ -41,6 +41,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from softnce import cli
+
 LOSSES = ("nll", "infonce", "soft_target_cross_entropy", "soft_target_infonce", "soft_distribution_infonce")
 REFERENCE_LOSS = "soft_target_infonce"
 # (metrics.json key, column title, scale, decimals, higher is better)
@@ -223,7 +225,7 @@ COMPARISONS = {  # name -> (config module of softnce.configs, default steps (Non
 def parse_args(name: str, argv=None) -> tuple[argparse.Namespace, dict]:
     """``(arguments, config overrides)`` of the comparison ``name``'s command line."""
     _, default_steps, _ = COMPARISONS[name]
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=f"The losses on {name} over several seeds (softnce.experiments.comparison).",
         epilog=OVERRIDES_HELP,
     )

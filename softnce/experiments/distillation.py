@@ -40,6 +40,7 @@ import os
 import time
 from typing import Optional
 
+from softnce import cli
 from softnce.experiments import comparison, sweep
 
 STUDENT_LOSSES = ("nll", "soft_target_cross_entropy", "soft_target_infonce", "soft_distribution_infonce")
@@ -53,7 +54,7 @@ TITLE = "Fashion-MNIST test set"
 def parse_args(argv=None) -> argparse.Namespace:
     """The arguments, with ``config`` (``--config.<field>=<value>``: every run) and ``teacher_config``
     (``--teacher_config.<field>=<value>``: the teacher's run only) overrides."""
-    parser = argparse.ArgumentParser(description="Knowledge distillation on Fashion-MNIST (softnce.experiments."
+    parser = cli.ArgumentParser(description="Knowledge distillation on Fashion-MNIST (softnce.experiments."
                                      "distillation): a teacher CNN, then the small CNN on its targets over seeds.",
                                      epilog=comparison.OVERRIDES_HELP + " Any --teacher_config.<field>=<value> "
                                      "overrides a field of the teacher's config only, e.g. "

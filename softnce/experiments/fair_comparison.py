@@ -45,7 +45,6 @@ output says it). Measured: BENCHMARKS.md, "Run times".
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -53,6 +52,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from softnce import cli
 from softnce.experiments import comparison, sweep
 
 TODAY_LR = 2e-3  # configs/base.py's optim.base_lr: the one learning rate of the earlier tables
@@ -349,7 +349,7 @@ def main(argv=None) -> dict:
     """The command line (``experiments/fair_comparison.py``)."""
     from absl import logging
 
-    parser = argparse.ArgumentParser(description="Every loss tuned on validation in a regime where soft targets pay "
+    parser = cli.ArgumentParser(description="Every loss tuned on validation in a regime where soft targets pay "
                                      "off, then compared on the test split (softnce.experiments.fair_comparison).",
                                      epilog=comparison.OVERRIDES_HELP)
     parser.add_argument("--quick", action="store_true", help="the whole pipeline in about 2 minutes (a check)")

@@ -34,7 +34,7 @@ import time
 
 import jax
 
-from softnce import distributed
+from softnce import cli, distributed
 from softnce.experiments import bench_train_step
 
 LABEL_SMOOTHING, MIXUP_ALPHA, CUTMIX_ALPHA, MIX_PROB, SWITCH_PROB = 0.1, 0.8, 1.0, 0.8, 0.5
@@ -179,7 +179,7 @@ def format_table(rows) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--classes", type=int, default=1000)

@@ -55,7 +55,6 @@ command again keeps every finished run (a finished study only rewrites the repor
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -63,6 +62,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from softnce import cli
 from softnce.experiments import comparison, fair_comparison, sweep
 
 NLL, INFONCE, SOFT_CE, STI = "nll", "infonce", "soft_target_cross_entropy", "soft_target_infonce"
@@ -518,7 +518,7 @@ def main(argv=None) -> dict:
     """The command line (``experiments/many_class.py``)."""
     from absl import logging
 
-    parser = argparse.ArgumentParser(description="STI against soft-target CE (and InfoNCE against NLL) on "
+    parser = cli.ArgumentParser(description="STI against soft-target CE (and InfoNCE against NLL) on "
                                      "Fashion-MNIST k-tuples as C and M grow (softnce.experiments.many_class).",
                                      epilog=comparison.OVERRIDES_HELP)
     parser.add_argument("--quick", action="store_true", help="the whole pipeline in 1-2 minutes (a check)")

@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from softnce import cli
+
 
 def run_once(index: int, args, extra: list[str]) -> tuple[bool, str, float]:
     """One CLI run; returns ``(ok, reason, seconds)``."""
@@ -43,7 +45,7 @@ def run_once(index: int, args, extra: list[str]) -> tuple[bool, str, float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--config", default="configs/digits.py")

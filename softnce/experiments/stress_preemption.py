@@ -27,7 +27,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import re
@@ -38,6 +37,8 @@ import sys
 import tempfile
 import time
 from typing import Optional, Sequence
+
+from softnce import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGETS = ("both", "process 0", "process 1")
@@ -162,7 +163,7 @@ def full_disk_trial(root: str, grace_s: float) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=20, help="preempted-and-relaunched runs")
     parser.add_argument("--steps", type=int, default=300, help="train steps of each run")
     parser.add_argument("--checkpoint_every", type=int, default=100, help="steps between periodic checkpoints")

@@ -17,9 +17,10 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
+
+from softnce import cli
 
 
 def make_config(data_dir: str, steps: int, host_threads: int):
@@ -55,7 +56,7 @@ def equal(a, b) -> bool:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=20, help="interrupted-and-resumed runs")
     parser.add_argument("--steps", type=int, default=12, help="train steps of each run")
     parser.add_argument("--host_threads", type=int, default=4, help="Grain reader threads")

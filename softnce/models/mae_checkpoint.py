@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from softnce import cli
+
 Params = dict[str, Any]
 
 TORCH_INSTALL_HINT = "pip install 'softnce[torch]'  (or: pip install torch)"
@@ -328,7 +330,7 @@ def load_pretrained_params(path: str | os.PathLike) -> Params:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Converts MAE's PyTorch ViT checkpoint to an orbax checkpoint of Flax parameters."
     )
     parser.add_argument("--input", required=True, help="MAE PyTorch checkpoint, e.g. mae_pretrain_vit_base.pth")
