@@ -12,7 +12,9 @@ import ml_collections
 
 from softnce.config_utils import none
 
-# Trained on one_hot(labels) by default: no label smoothing, no MixUp / CutMix (the paper's comparison).
+# The paper's hard-label baselines, trained on one_hot(labels) by default: no label smoothing, no MixUp /
+# CutMix. Each reads only the hard labels (registered with reads_labels_only=True, softnce.losses); the
+# reference's soft_distribution_infonce_premix does too, but trains on mixed inputs, so it keeps the recipe.
 HARD_LABEL_LOSSES = ("nll", "infonce")
 AUGMENT_CHOICES = ("auto", "on", "off")
 

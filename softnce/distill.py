@@ -62,8 +62,6 @@ from softnce.config_checks import ConfigError
 Params = Any
 Variables = dict  # {'params': params, **model_state}
 
-# Losses that read only the hard labels (softnce.losses): a teacher does not change what they train on.
-LABEL_ONLY_LOSSES = ("nll", "infonce", "soft_distribution_infonce_premix")
 PARAMS_SUFFIXES = (".npz", ".msgpack")
 
 
@@ -250,7 +248,9 @@ def describe(loaded: LoadedTeacher, config: ml_collections.ConfigDict) -> str:
     num_params = sum(int(np.size(p)) for p in jax.tree.leaves(loaded.variables["params"]))
     text = (f"distilling from {teacher.description}: {num_params:,} frozen parameters, targets "
             f"(1 - {teacher.beta:g}) a_recipe + {teacher.beta:g} softmax(z_teacher / {teacher.tau:g})")
-    if config.loss.name in LABEL_ONLY_LOSSES:
+    from softnce import losses
+
+    if losses.get_loss(config.loss.name).reads_labels_only:
         text += (f"; note: config.loss.name={config.loss.name!r} reads only the hard labels, so the teacher's "
                  "targets do not enter its loss")
     return text

@@ -784,11 +784,13 @@ distribution reach a loss through :class:`LossInputs`)."""
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
-    """A registry entry: the loss and whether it uses the noise prior ``eta``."""
+    """A registry entry: the loss, whether it uses the noise prior ``eta`` and whether it reads only the hard
+    labels (``inputs.labels``; then soft targets, from a recipe or a teacher, do not enter it)."""
 
     name: str
     fn: LossFn
     uses_noise_prior: bool
+    reads_labels_only: bool = False
 
     @property
     def fields(self) -> dict:
@@ -806,19 +808,21 @@ LOSSES: Registry[LossSpec] = Registry("loss", "losses", fields_of=lambda spec: s
 
 
 def register_loss(name: str, fn: Optional[LossFn] = None, *, uses_noise_prior: bool = False,
-                  ranges: Optional[dict] = None, overwrite: bool = False):
+                  reads_labels_only: bool = False, ranges: Optional[dict] = None, overwrite: bool = False):
     """Registers ``fn(logits, inputs: LossInputs, *, **fields) -> [N]`` as ``config.loss.name = name``.
 
     Returns ``fn``; without it, a decorator. ``uses_noise_prior``: the trainer computes ``log(eta)``
-    for it (``inputs.log_noise_probs``). The keyword-only parameters of ``fn`` are the loss's config
-    fields (``def focal(logits, inputs, *, gamma=2.0)``: ``config.loss.gamma``, or
-    ``--config.loss.gamma=1.5`` once the loss is named); ``ranges`` ``{field: softnce.config_checks.Range}``
-    declares their valid values (without, any finite number). A taken name is an error unless ``overwrite``.
+    for it (``inputs.log_noise_probs``). ``reads_labels_only``: the loss reads the hard labels and not
+    the soft targets (the trainer says so when a teacher is given). The keyword-only parameters of
+    ``fn`` are the loss's config fields (``def focal(logits, inputs, *, gamma=2.0)``:
+    ``config.loss.gamma``, or ``--config.loss.gamma=1.5`` once the loss is named); ``ranges``
+    ``{field: softnce.config_checks.Range}`` declares their valid values (without, any finite number).
+    A taken name is an error unless ``overwrite``.
     """
 
     def register(fn: LossFn) -> LossFn:
-        LOSSES.register(name, LossSpec(name=name, fn=fn, uses_noise_prior=uses_noise_prior), overwrite=overwrite,
-                        ranges=ranges)
+        spec = LossSpec(name=name, fn=fn, uses_noise_prior=uses_noise_prior, reads_labels_only=reads_labels_only)
+        LOSSES.register(name, spec, overwrite=overwrite, ranges=ranges)
         return fn
 
     return register if fn is None else register(fn)
@@ -829,7 +833,7 @@ def get_loss(name: str) -> LossSpec:
     return LOSSES.get(name)
 
 
-@register_loss("nll")
+@register_loss("nll", reads_labels_only=True)
 def _nll(logits, inputs: LossInputs):
     return nll(logits, inputs.labels, temperature=inputs.temperature, where=inputs.where)
 
@@ -839,7 +843,7 @@ def _soft_ce(logits, inputs: LossInputs):
     return soft_target_cross_entropy(logits, inputs.targets, temperature=inputs.temperature, where=inputs.where)
 
 
-@register_loss("infonce", uses_noise_prior=True)
+@register_loss("infonce", uses_noise_prior=True, reads_labels_only=True)
 def _infonce(logits, inputs: LossInputs):
     return infonce(logits, inputs.labels, **inputs.contrastive_options)
 
@@ -874,7 +878,7 @@ def _sampled_cross_entropy(logits, inputs: LossInputs):
                                            where=inputs.where)
 
 
-@register_loss("soft_distribution_infonce_premix", uses_noise_prior=True)
+@register_loss("soft_distribution_infonce_premix", uses_noise_prior=True, reads_labels_only=True)
 def _premix_infonce(logits, inputs: LossInputs):
     # The reference's variant: hard InfoNCE on each sample's own label from before MixUp/CutMix.
     return _infonce(logits, inputs)

@@ -573,3 +573,15 @@ def test_log_class_prior():
         log_class_prior(labels.astype(np.float32), 3)
     with pytest.raises(ValueError, match="non-empty 1-D"):
         log_class_prior(np.zeros((0,), np.int32), 3)
+
+
+def test_every_loss_declares_what_it_reads_where_it_is_registered():
+    from softnce.configs import base
+
+    reads_labels = sorted(name for name in losses.LOSSES if losses.get_loss(name).reads_labels_only)
+    assert reads_labels == ["infonce", "nll", "soft_distribution_infonce_premix"]
+    # The configs' hard-label baselines (trained on one_hot(labels) by default) are losses that read only labels.
+    assert all(losses.get_loss(name).reads_labels_only for name in base.HARD_LABEL_LOSSES)
+    uses_prior = sorted(name for name in losses.LOSSES if losses.get_loss(name).uses_noise_prior)
+    assert uses_prior == ["infonce", "soft_distribution_infonce", "soft_distribution_infonce_premix",
+                          "soft_target_infonce", "soft_target_infonce_blockwise"]
