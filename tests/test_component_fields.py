@@ -18,6 +18,7 @@ from test_reliability import bad_values
 from test_train import REPO, latest_params, small_config
 
 from softnce import assembly, config_checks, losses, models, train
+from softnce.data import get_dataset
 from softnce.losses import LossInputs
 
 
@@ -114,6 +115,21 @@ def test_declared_ranges_and_undeclared_fields(user_module, register_for_test):
     config.loss.scale = math.inf
     assert message_of(config) == ("config.loss.scale = inf is out of range: must be a number (finite) "
                                   "(a field of loss 'margin').")
+
+
+def test_a_user_dataset_declares_its_numeric_field_where_it_is_registered(user_module):
+    config = small_config(**{"data.name": "user_blobs"})
+    config.model = ml_collections.ConfigDict({"name": "user_linear"})
+    config.data.num_points = 320
+    assembly.validate_config(config)
+    assert get_dataset(config.data).num_train_examples == 320 - round(0.1 * 320)
+    config.data.num_points = 8
+    assert message_of(config) == ("config.data.num_points = 8 is out of range: must be an integer >= 16 "
+                                  "(training points drawn).")
+    config.data.num_points = 320
+    config.data.num_pionts = 320  # a field no rule or range declares
+    assert message_of(config).startswith("config.data.num_pionts = 320 has no validity rule; declare its range when "
+                                         "registering dataset 'user_blobs'")
 
 
 MODEL_CASES = [(name, field, value) for name in models.MODELS.names()

@@ -99,11 +99,12 @@ def blobs(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     return means[labels] + rng.normal(size=(n, FEATURES)), labels
 
 
-@register_dataset("user_blobs")
+# A dataset reads its whole config section; its own numeric field (config.data.num_points) has its range here.
+@register_dataset("user_blobs", ranges={"num_points": config_checks.count(16, "training points drawn")})
 def make_blobs_dataset(config, *, process_index: int, process_count: int) -> ArrayDataset:
     CALLS.append(("user_blobs", dict(name=config.name, process_index=process_index, process_count=process_count)))
     rng = np.random.default_rng(0)
-    x, y = blobs(rng, 640)
+    x, y = blobs(rng, config.get("num_points", 640))
     x_test, y_test = blobs(rng, 160)
     x, y, x_val, y_val = carve_validation(x, y, config.validation_fraction, config.validation_seed)
     return ArrayDataset(
