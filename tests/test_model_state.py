@@ -146,3 +146,33 @@ def test_an_nnx_model_trains_resumes_exactly_and_is_used_like_a_linen_one(tmp_pa
     export.export_classifier(classifier, tmp_path / "export")
     np.testing.assert_allclose(export_loader.load(str(tmp_path / "export")).logits(batch["inputs"]), expected,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_over_the_data_axis_normalises_with_the_global_batch():
+    """A BatchNorm with axis_name='data' (the mesh axis) computes the statistics of the whole global batch."""
+    import flax.linen as nn
+
+    class SyncNorm(nn.Module):
+        num_classes: int = 3
+
+        @nn.compact
+        def __call__(self, x, *, train: bool):
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.5, axis_name="data" if train else None)(x)
+            return nn.Dense(self.num_classes)(x)
+
+    model = SyncNorm()
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(64, 5)) * 3 + 2, jnp.float32)
+    variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)
+    expected = nn.BatchNorm(use_running_average=False, momentum=0.5).apply(  # the statistics of all 64 examples
+        {"params": variables["params"]["BatchNorm_0"], "batch_stats": variables["batch_stats"]["BatchNorm_0"]},
+        x, mutable=["batch_stats"])[1]["batch_stats"]
+    variables = jax.tree.map(jnp.copy, variables)
+    state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.0),
+                                    model_state={"batch_stats": variables["batch_stats"]})
+    mesh = distributed.make_mesh()
+    step = steps.make_sharded_train_step(mesh, loss_fn=losses.get_loss("soft_target_cross_entropy").fn, num_classes=3,
+                                         mix_config=targets.MixConfig(), temperature=1.0)
+    batch = distributed.global_batch(mesh, {"inputs": np.asarray(x), "label": np.arange(64) % 3})
+    new_state, _ = step(jax.device_put(state, distributed.replicated(mesh)), batch, jax.random.PRNGKey(1), None)
+    got = jax.device_get(new_state.model_state["batch_stats"]["BatchNorm_0"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, expected)
