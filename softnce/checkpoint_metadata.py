@@ -163,9 +163,10 @@ def stored_t_star(workdir, step: int) -> Optional[float]:
     if not path.exists():
         return None
     metrics = json.loads(path.read_text())
-    if metrics.get("step") != step or metrics.get("temperature") is None:
+    t_star = metrics.get("t_star", metrics.get("temperature"))  # "temperature": written before softnce 0.5
+    if metrics.get("step") != step or t_star is None:
         return None
-    return float(metrics["temperature"])
+    return float(t_star)
 
 
 def legacy(workdir, config, dataset, log_noise_probs, step: int) -> dict:

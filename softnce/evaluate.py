@@ -82,8 +82,8 @@ def evaluate_checkpoint(
       name: the output directory's name without the step (default: :func:`output_label`).
 
     ``metrics`` has the trainer's keys (``top1``, ``top5``, ``nll``, ``ece``, ``num_examples``,
-    ``step`` and, when a ``t*`` is known, ``temperature``, ``nll_calibrated``, ``ece_calibrated``)
-    plus ``split`` and ``temperature_source`` (``checkpoint``, ``metrics.json`` or ``refit``).
+    ``step`` and, when a ``t*`` is known, ``t_star``, ``nll_calibrated``, ``ece_calibrated``)
+    plus ``split`` and ``t_star_source`` (``checkpoint``, ``metrics.json`` or ``refit``).
     The files are written on process 0 only.
     """
     import jax
@@ -132,8 +132,8 @@ def evaluate_checkpoint(
         calibrated, calibrated_sums = evaluation.evaluate(
             eval_fn, variables, split_batches(dataset, split, local_eval_batch), mesh, t_star
         )
-        summary.update(temperature=float(t_star), nll_calibrated=calibrated["nll"], ece_calibrated=calibrated["ece"],
-                       temperature_source=source)
+        summary.update(t_star=float(t_star), nll_calibrated=calibrated["nll"], ece_calibrated=calibrated["ece"],
+                       t_star_source=source)
     out = checkpointing.resolve(workdir) / "eval" / f"{name or output_label(split, config, run_config)}-{step}"
     if jax.process_index() == 0:
         title = f"{config.data.name} {split}, step {step}"

@@ -66,7 +66,7 @@ def fit_validation_temperature(logits_fn: LogitsStepFn, variables: Variables, da
 def write_results(directory: epath.Path, config: ml_collections.ConfigDict, summary: dict, sums: dict,
                   calibrated_sums: Optional[dict], *, title: Optional[str] = None) -> None:
     """Writes ``metrics.json`` (``summary``), ``eval_sums.json``, ``eval_sums_calibrated.json`` (at
-    ``summary['temperature']``, if given) and ``reliability.png`` to ``directory`` (call on process 0)."""
+    ``summary['t_star']``, if given) and ``reliability.png`` to ``directory`` (call on process 0)."""
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "metrics.json", summary)
     write_json(directory / "eval_sums.json", {k: np.asarray(v).tolist() for k, v in sums.items()})
@@ -74,7 +74,7 @@ def write_results(directory: epath.Path, config: ml_collections.ConfigDict, summ
     if calibrated_sums is not None:
         write_json(directory / "eval_sums_calibrated.json",
                     {k: np.asarray(v).tolist() for k, v in calibrated_sums.items()})
-        panels[f"calibrated (t* = {summary['temperature']:.3g})"] = calibrated_sums
+        panels[f"calibrated (t* = {summary['t_star']:.3g})"] = calibrated_sums
     metrics.plot_reliability_diagram(panels, str(directory / "reliability.png"), title=title or config.data.name)
 
 

@@ -17,7 +17,7 @@ gather``, exit 134) in most 8-device runs; one step in flight on CPU avoids it a
 
 Post-hoc calibration: at the end, one temperature ``t*`` is fitted on the validation split's NLL
 (:func:`softnce.evaluation.fit_validation_temperature`; the test split is never used to fit anything),
-and the test metrics are reported at ``t*`` too: ``temperature``, ``nll_calibrated``, ``ece_calibrated``.
+and the test metrics are reported at ``t*`` too: ``t_star``, ``nll_calibrated``, ``ece_calibrated``.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def _evaluate_test(run: Run) -> tuple[dict, dict]:
 def calibrate(run: Run) -> Optional[tuple[dict, dict]]:
     """Fits ``t*`` on the validation NLL and evaluates the test split at ``t*``.
 
-    Returns ``({'temperature', 'nll_calibrated', 'ece_calibrated'}, sums at t*)``, or ``None`` when
+    Returns ``({'t_star', 'nll_calibrated', 'ece_calibrated'}, sums at t*)``, or ``None`` when
     the dataset has no validation split (``config.data.validation_fraction = 0``).
     """
     if not run.dataset.num_validation_examples:
@@ -259,7 +259,7 @@ def calibrate(run: Run) -> Optional[tuple[dict, dict]]:
     summary, sums = evaluation.evaluate(
         run.eval_fn, run.state.variables, run.dataset.eval_batches(run.local_eval_batch), run.mesh, t_star
     )
-    return {"temperature": t_star, "nll_calibrated": summary["nll"], "ece_calibrated": summary["ece"]}, sums
+    return {"t_star": t_star, "nll_calibrated": summary["nll"], "ece_calibrated": summary["ece"]}, sums
 
 
 def _write_results(run: Run, summary: dict, sums: dict, calibrated_sums: Optional[dict]) -> None:
@@ -307,11 +307,11 @@ def _final_validation(run: Run, curve: list[dict], calibrated: Optional[tuple[di
     last = curve[-1] if curve and curve[-1]["step"] == step else None
     summary = dict(last) if last is not None else dict(_evaluate_validation(run, step, curve), step=step)
     if calibrated is not None:
-        t_star = calibrated[0]["temperature"]
+        t_star = calibrated[0]["t_star"]
     else:
         t_star = evaluation.fit_validation_temperature(run.logits_fn, run.state.variables, run.dataset,
                                                        run.local_eval_batch, run.mesh)
-    summary.update(temperature=t_star, split="validation")
+    summary.update(t_star=t_star, split="validation")
     if run.is_chief:
         evaluation.write_json(run.workdir / "validation_metrics.json", summary)
     return summary
@@ -390,7 +390,7 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
         summary.update(calibration)
         _print_eval(run, summary["step"], calibration)
     if run.is_chief and run.last_saved == summary["step"]:  # the final checkpoint's metadata, now with t*
-        t_star = summary.get("temperature") if evaluate_test else validation["temperature"]
+        t_star = summary.get("t_star") if evaluate_test else validation["t_star"]
         checkpoint_metadata.write(run.ckpt_dir, summary["step"],
                                   checkpoint_metadata.for_step(metadata, summary["step"], t_star=t_star))
     if evaluate_test:
@@ -407,7 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     would (the schedule still follows ``config.num_train_steps``); running again resumes.
 
     Writes ``config.json``, TensorBoard scalars, ``checkpoints/``, ``metrics.json`` (test metrics at
-    the training temperature, plus ``temperature``, ``nll_calibrated`` and ``ece_calibrated`` when
+    the training temperature, plus ``t_star``, ``nll_calibrated`` and ``ece_calibrated`` when
     the data has a validation split), ``eval_sums.json`` (the calibration-bin sums) and
     ``reliability.png`` to ``workdir`` (process 0). Validation tracking (``config.validation_every_steps``,
     ``config.evaluate_test``) adds ``history.json`` and ``validation_metrics.json`` (:func:`train_loop`).

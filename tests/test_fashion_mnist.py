@@ -244,7 +244,7 @@ def test_cli_trains_fashion_mnist_end_to_end(prepared, tmp_path, cli_env):
     metrics = json.load(open(workdir / "metrics.json"))
     assert metrics["num_examples"] == SIZES["test"] and metrics["step"] == 4
     assert 0.0 <= metrics["top1"] <= 1.0 and np.isfinite(metrics["nll"])
-    assert metrics["temperature"] > 0 and np.isfinite(metrics["nll_calibrated"])
+    assert metrics["t_star"] > 0 and np.isfinite(metrics["nll_calibrated"])
     assert metrics["nll_calibrated"] <= metrics["nll"] + 0.05  # fitted on validation, reported on test
     assert (workdir / "reliability.png").exists()
     config = json.load(open(workdir / "config.json"))
@@ -316,7 +316,7 @@ def test_comparison_script_end_to_end(prepared, tmp_path):
     ])
     runs = result["results"]
     assert [r["seed"] for r in runs["nll"]["metrics"]] == [0]
-    assert "temperature" in runs["nll"]["metrics"][0] and "ece_calibrated" in runs["nll"]["metrics"][0]
+    assert "t_star" in runs["nll"]["metrics"][0] and "ece_calibrated" in runs["nll"]["metrics"][0]
     assert runs["nll"]["targets"] == "hard labels"
     assert runs["soft_target_infonce"]["targets"] == "smoothing 0.1 + MixUp/CutMix"
     table = (out / "table.md").read_text()

@@ -242,7 +242,7 @@ def test_cli_trains_k2_end_to_end(prepared, tmp_path, cli_env):  # noqa: F811
     assert "step 4/4" in out
     metrics = json.load(open(workdir / "metrics.json"))
     assert metrics["num_examples"] == 30 and metrics["step"] == 4
-    assert 0.0 <= metrics["top1"] <= 1.0 and np.isfinite(metrics["nll"]) and metrics["temperature"] > 0
+    assert 0.0 <= metrics["top1"] <= 1.0 and np.isfinite(metrics["nll"]) and metrics["t_star"] > 0
     config = json.load(open(workdir / "config.json"))
     assert config["data"]["name"] == "fashion_mnist_tuples" and config["data"]["tuple_size"] == 2
     # The checkpoint carries the 100 class names and the training-label prior of the same tuples.

@@ -12,7 +12,7 @@ from softnce.experiments import sweep
 
 
 def v(top1, nll):
-    return {"top1": top1, "nll": nll, "ece": 0.0, "temperature": 1.0}
+    return {"top1": top1, "nll": nll, "ece": 0.0, "t_star": 1.0}
 
 
 def test_selection_rule_on_hand_made_numbers():
@@ -70,7 +70,7 @@ def fake_trainer(monkeypatch):
         os.makedirs(workdir, exist_ok=True)
         import math
 
-        val = {"top1": 0.9 - 0.01 * abs(math.log10(lr) + 2), "nll": 0.3, "ece": 0.01, "temperature": 1.1,
+        val = {"top1": 0.9 - 0.01 * abs(math.log10(lr) + 2), "nll": 0.3, "ece": 0.01, "t_star": 1.1,
                "step": config.num_train_steps}
         assert not config.evaluate_test
         json.dump(val, open(os.path.join(workdir, "validation_metrics.json"), "w"))
@@ -146,4 +146,4 @@ def test_trainer_validation_curve_resumes_after_a_stop(tmp_path):
         assert a["top1"] == b["top1"] and abs(a["nll"] - b["nll"]) < 1e-5
     assert set(resumed) == {"step", "validation"} and resumed["validation"]["top1"] == whole["validation"]["top1"]
     saved = json.load(open(os.path.join(stopped, "validation_metrics.json")))
-    assert saved["step"] == 20 and saved["top1"] == curves[0][-1]["top1"] and saved["temperature"] > 0
+    assert saved["step"] == 20 and saved["top1"] == curves[0][-1]["top1"] and saved["t_star"] > 0

@@ -142,7 +142,7 @@ def _summary(run, method, m):
 def test_soft_ce_on_one_vote_is_nll(reduced_run):
     # With m = 1 the soft target is one_hot(first vote): soft CE is then the same loss as NLL on the
     # same labels, and the two runs share seeds and batch order, so every metric must agree.
-    for key in ("kl", "top1", "nll", "ece", "temperature"):
+    for key in ("kl", "top1", "nll", "ece", "t_star"):
         a = _summary(reduced_run, "nll", "hard")[key]["mean"]
         b = _summary(reduced_run, "soft_target_cross_entropy", "1")[key]["mean"]
         assert a == pytest.approx(b, rel=1e-3, abs=1e-5), key
@@ -312,11 +312,11 @@ def test_reduced_temperature_study(tmp_path):
     result = tts.run_study(settings, str(tmp_path), log=lambda line: None)
     for name in ("metrics.json", "summary.md", "temperature_study.png"):
         assert os.path.getsize(tmp_path / name) > 100, name
-    trained = {s["m"]: s["temperature"]["mean"] for s in result["summary"]}
+    trained = {s["m"]: s["t_star"]["mean"] for s in result["summary"]}
     assert 0.8 < trained["1"] < 1.25
     assert trained["inf"] > 1.5 and trained["inf"] > trained["1"] + 0.4
     population = result["population"]["inf"]
-    assert population["1"]["temperature"] == pytest.approx(1.0, abs=0.1)
+    assert population["1"]["t_star"] == pytest.approx(1.0, abs=0.1)
     assert population["1"]["slope"] == pytest.approx(1.0, abs=0.02)
-    assert population["10"]["temperature"] > 1.6
-    assert np.isfinite(result["population"]["finite"]["16"]["10"]["temperature"])
+    assert population["10"]["t_star"] > 1.6
+    assert np.isfinite(result["population"]["finite"]["16"]["10"]["t_star"])

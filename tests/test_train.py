@@ -238,8 +238,8 @@ def test_temperature_is_fitted_on_validation_only_and_test_metrics_reported_at_i
     config = small_config()
     result = train.train_and_evaluate(config, str(tmp_path))
     reported = json.load(open(tmp_path / "metrics.json"))
-    assert {"temperature", "nll_calibrated", "ece_calibrated"} <= set(reported)
-    assert reported["temperature"] == result["temperature"]
+    assert {"t_star", "nll_calibrated", "ece_calibrated"} <= set(reported)
+    assert reported["t_star"] == result["t_star"]
     calibrated_sums = json.load(open(tmp_path / "eval_sums_calibrated.json"))
     assert metrics.summarize(calibrated_sums)["nll"] == pytest.approx(reported["nll_calibrated"], rel=1e-9)
 
@@ -253,7 +253,7 @@ def test_temperature_is_fitted_on_validation_only_and_test_metrics_reported_at_i
     def nll(z, labels, t):
         return -np.mean(log_softmax(z / t, axis=1)[np.arange(len(labels)), labels])
 
-    t_star = reported["temperature"]
+    t_star = reported["t_star"]
     val_nll = lambda t: nll(val_z, dataset.val_labels, t)  # noqa: E731
     assert val_nll(t_star) <= min(val_nll(t_star * 0.97), val_nll(t_star * 1.03)) + 1e-9  # a minimum
     assert reported["nll_calibrated"] == pytest.approx(nll(test_z, dataset.eval_labels, t_star), rel=1e-4)

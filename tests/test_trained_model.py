@@ -47,7 +47,7 @@ def _run_evaluate_cli(workdir, devices, env, *extra):
 def _assert_same_metrics(ours, theirs, rel):
     for key in ("top1", "top5", "num_examples", "step"):
         assert ours[key] == theirs[key], key
-    for key in ("nll", "ece", "temperature", "nll_calibrated", "ece_calibrated"):
+    for key in ("nll", "ece", "t_star", "nll_calibrated", "ece_calibrated"):
         assert ours[key] == pytest.approx(theirs[key], rel=rel, abs=1e-7), key
 
 
@@ -71,7 +71,7 @@ def test_evaluate_equals_the_run_on_1_and_8_devices(digits_run, cli_env):
     assert json.load(open(eight_dir / "metrics.json")) == eight
     _assert_same_metrics(eight, run, rel=1e-6)  # the trainer's own eval step and batches
     _assert_same_metrics(one, run, rel=1e-5)  # another device count: float summation order only
-    assert eight["split"] == "test" and eight["temperature_source"] == "checkpoint"
+    assert eight["split"] == "test" and eight["t_star_source"] == "checkpoint"
     for name in ("eval_sums.json", "eval_sums_calibrated.json", "reliability.png", "eval_config.json"):
         assert (eight_dir / name).exists(), name
     sums, run_sums = (json.load(open(d / "eval_sums_calibrated.json")) for d in (eight_dir, digits_run))
@@ -86,12 +86,12 @@ def test_evaluate_validation_with_a_refit_an_earlier_step_and_a_data_override(di
     run = json.load(open(digits_run / "metrics.json"))
     val, out = evaluate.evaluate_checkpoint(str(digits_run), split="validation", refit_temperature=True, log=_quiet)
     assert out.name == "validation-12" and val["num_examples"] == round(0.1 * 1257)
-    assert val["temperature_source"] == "refit"
-    assert val["temperature"] == pytest.approx(run["temperature"], rel=1e-5)  # the same fit on the same split
+    assert val["t_star_source"] == "refit"
+    assert val["t_star"] == pytest.approx(run["t_star"], rel=1e-5)  # the same fit on the same split
 
     early, out = evaluate.evaluate_checkpoint(str(digits_run), step=8, log=_quiet)
     assert out.name == "test-8" and early["step"] == 8
-    assert "temperature" not in early  # an intermediate checkpoint has no t*
+    assert "t_star" not in early  # an intermediate checkpoint has no t*
     assert not (out / "eval_sums_calibrated.json").exists() and (out / "reliability.png").exists()
 
     config = checkpoint_metadata.read_run_config(digits_run)
@@ -99,7 +99,7 @@ def test_evaluate_validation_with_a_refit_an_earlier_step_and_a_data_override(di
     other, out = evaluate.evaluate_checkpoint(str(digits_run), config=config, refit_temperature=True, log=_quiet)
     assert out.name == "test+validation_fraction=0.2-12"
     assert other["top1"] == run["top1"] and other["nll"] == pytest.approx(run["nll"], rel=1e-6)
-    assert other["temperature"] != pytest.approx(run["temperature"], rel=1e-4)
+    assert other["t_star"] != pytest.approx(run["t_star"], rel=1e-4)
 
     missing = r"no checkpoint of step 5 .* saved steps are 8, 12"
     with pytest.raises(checkpoint_metadata.CheckpointNotFoundError, match=missing):
@@ -126,7 +126,7 @@ def test_evaluate_on_two_processes(digits_run, cli_env):
     assert "wrote " in outputs[0] and "wrote " not in outputs[1]
     run = json.load(open(digits_run / "metrics.json"))
     metrics = json.load(open(digits_run / "eval" / "two_processes-12" / "metrics.json"))
-    assert metrics["temperature_source"] == "refit"  # t* fitted again from the logits gathered over processes
+    assert metrics["t_star_source"] == "refit"  # t* fitted again from the logits gathered over processes
     _assert_same_metrics(metrics, run, rel=1e-5)
 
 
@@ -137,7 +137,7 @@ def test_load_predicts_calibrated_probabilities_from_the_checkpoint_alone(digits
     run = json.load(open(digits_run / "metrics.json"))
     x_train, y_train, x_test, y_test = load_digits_split()
     clf = inference.load(str(digits_run))
-    assert clf.step == 12 and clf.t_star == run["temperature"] and clf.temperature == 1.0
+    assert clf.step == 12 and clf.t_star == run["t_star"] and clf.temperature == 1.0
     assert clf.class_names == [str(c) for c in range(10)] and clf.example_shape == (8, 8, 1)
     dataset = assembly.make_dataset_and_model(small_config())[0]
     counts = np.bincount(dataset.train_labels, minlength=10)
@@ -187,11 +187,11 @@ def test_a_workdir_saved_before_the_metadata_still_loads(digits_run, tmp_path):
     x_test = load_digits_split()[2]
     with pytest.warns(UserWarning, match=r"saved without softnce metadata .* t\* = .* from .*metrics.json"):
         clf = inference.load(str(old))
-    assert clf.t_star == run["temperature"] and clf.class_names[3] == "3"
+    assert clf.t_star == run["t_star"] and clf.class_names[3] == "3"
     np.testing.assert_array_equal(clf.predict_proba(x_test), inference.load(str(digits_run)).predict_proba(x_test))
     with pytest.warns(UserWarning, match="without softnce metadata"):
         metrics, _ = evaluate.evaluate_checkpoint(str(old), log=_quiet)
-    assert metrics["temperature_source"] == "metrics.json"
+    assert metrics["t_star_source"] == "metrics.json"
     _assert_same_metrics(metrics, run, rel=1e-6)
     with pytest.raises(checkpoint_metadata.MetadataError, match="no softnce metadata"):
         shutil.copytree(old / "checkpoints" / "12", tmp_path / "alone" / "12")
@@ -255,7 +255,7 @@ def test_export_cli_digits_runs_with_jax_only(digits_run, tmp_path, cli_env):
     assert "exported step 12 (10 classes" in proc.stdout
     assert sorted(os.listdir(out)) == sorted(export.FILES)
     metadata = json.load(open(out / "metadata.json"))
-    assert metadata["t_star"] == json.load(open(digits_run / "metrics.json"))["temperature"]
+    assert metadata["t_star"] == json.load(open(digits_run / "metrics.json"))["t_star"]
     assert metadata["version"] == checkpoint_metadata.VERSION and metadata["export"]["format"] == "softnce-export"
     x_test = load_digits_split()[2]
     worst = check_export_in_fresh_process(out, inference.load(str(digits_run)), {"all": x_test, "three": x_test[:3]},
@@ -315,7 +315,7 @@ def test_fashion_mnist_run_evaluate_predict_and_export(prepared, tmp_path):  # n
     _assert_same_metrics(metrics, run, rel=1e-6)
 
     clf = inference.load(str(workdir))
-    assert clf.class_names == list(fm.CLASS_NAMES) and clf.t_star == run["temperature"]
+    assert clf.class_names == list(fm.CLASS_NAMES) and clf.t_star == run["t_star"]
     dataset = assembly.make_dataset_and_model(config)[0]
     probabilities = clf.predict_proba(dataset.eval_inputs)
     assert probabilities.shape == (SIZES["test"], 10) and np.allclose(probabilities.sum(1), 1, atol=1e-5)

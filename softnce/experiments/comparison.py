@@ -50,7 +50,7 @@ METRICS = (
     ("top1", "top-1 (%)", 100, 2, True),
     ("nll", "NLL", 1, 3, False),
     ("ece", "ECE (%)", 100, 2, False),
-    ("temperature", "t*", 1, 2, None),
+    ("t_star", "t*", 1, 2, None),
     ("nll_calibrated", "NLL at t*", 1, 3, False),
     ("ece_calibrated", "ECE at t* (%)", 100, 2, False),
 )

@@ -162,6 +162,9 @@ class _Runner:
         self.make_config, self.out, self.log = make_config, out, log
         self.evaluate_test, self.validation_every_steps, self.describe = evaluate_test, validation_every_steps, describe
         saved = read_json(os.path.join(out, "results.json")) or {"results": {}}
+        for runs in saved["results"].values():
+            for record in runs["metrics"]:
+                _name_t_star(record)
         self.finished = {_key(group, r.get("params", {}), r["seed"]): r
                          for group, runs in saved["results"].items() for r in runs["metrics"]}
         self.results: dict = {}
@@ -209,6 +212,13 @@ class _Runner:
         return record
 
 
+def _name_t_star(record: dict) -> None:
+    """A record written before softnce 0.5 named the fitted temperature ``t*`` ``'temperature'``: ``'t_star'`` now."""
+    for metrics in (record, record.get("validation") or {}):
+        if "temperature" in metrics and "t_star" not in metrics:
+            metrics["t_star"] = metrics.pop("temperature")
+
+
 def describe_record(record: dict) -> str:
     """One run's metrics for a progress line: validation (``val``) and test, where reported."""
     if record.get("diverged"):
@@ -216,7 +226,7 @@ def describe_record(record: dict) -> str:
     parts = []
     validation = record.get("validation") or {}
     parts += [f"val {k} {validation[k]:.4f}" for k in ("top1", "nll") if k in validation]
-    parts += [f"{k} {record[k]:.4f}" for k in ("top1", "nll", "ece", "temperature", "ece_calibrated") if k in record]
+    parts += [f"{k} {record[k]:.4f}" for k in ("top1", "nll", "ece", "t_star", "ece_calibrated") if k in record]
     return ", ".join(parts) or "no metrics"
 
 
@@ -234,7 +244,7 @@ def choose(results: dict, grids: Grid, seeds: Sequence[int], rule: SelectionRule
         candidates = [(p, validations(results, group, p, seeds)) for p in points(fields)]
         params, vals = candidates[rule.choose(candidates)]
         means = None if any(v is None for v in vals) else {
-            k: float(np.mean([v[k] for v in vals])) for k in ("top1", "nll", "ece", "temperature")}
+            k: float(np.mean([v[k] for v in vals])) for k in ("top1", "nll", "ece", "t_star")}
         at_edge = {f: len(vs) > 1 and params[f] in (min(vs), max(vs)) for f, vs in fields.items()
                    if all(isinstance(v, (int, float)) for v in vs)}
         chosen[group] = {"params": params, "validation": means, "at_edge": at_edge}
@@ -370,7 +380,7 @@ def sweep_table(result: dict) -> str:
                 cells += ["diverged" if diverged else "n/a"] * 4
             else:
                 cells += [_mean_std([v[k] for v in vals], s, d) for k, s, d in
-                          (("top1", 100, 2), ("nll", 1, 4), ("ece", 100, 2), ("temperature", 1, 2))]
+                          (("top1", 100, 2), ("nll", 1, 4), ("ece", 100, 2), ("t_star", 1, 2))]
             lines.append(f"| {group} | " + " | ".join(cells) + f" | {'**yes**' if params == chosen else ''} |")
     rule = "; ".join(f"{k} = {v}" for k, v in result.get("rule", {}).items())
     footer = f"\n\n{len(seeds)} seed(s) {seeds}" + (f"; rule: {rule}" if rule else "")

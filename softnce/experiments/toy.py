@@ -174,7 +174,7 @@ def run_metrics(data: toy.ToyData, val_logits: np.ndarray, test_logits: np.ndarr
     found = {
         "kl": mean_kl(log_p, test_logits),
         "kl_calibrated": mean_kl(log_p, test_logits, t_fit),
-        "temperature": t_fit,
+        "t_star": t_fit,
         "top1": raw["top1"],
         "expected_top1": float(np.mean(np.exp(np.take_along_axis(log_p, test_logits.argmax(1)[:, None], 1)))),
         "nll": raw["nll"],
@@ -332,7 +332,7 @@ def summary_markdown(summary: list[dict], references: dict, settings: Settings, 
             lines.append(
                 f"| {s['method']} | {s['m'] if s['m'] != 'hard' else '1 vote'} | {_cell(s['kl'])} | "
                 f"{_cell(s['kl_calibrated'])} | "
-                f"{_cell(s['temperature'], 2)} | {_cell(s['top1'], 3)} | {_cell(s['nll'], 3)} | {_cell(s['ece'], 3)} |"
+                f"{_cell(s['t_star'], 2)} | {_cell(s['top1'], 3)} | {_cell(s['nll'], 3)} | {_cell(s['ece'], 3)} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -48,7 +48,7 @@ from softnce.experiments import cli, vmapped
 from softnce.experiments import toy as te
 
 INF = math.inf
-REPORTED = ("temperature", "kl", "kl_calibrated", "top1", "nll", "ece", "ece_calibrated")  # per trained run
+REPORTED = ("t_star", "kl", "kl_calibrated", "top1", "nll", "ece", "ece_calibrated")  # per trained run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +269,7 @@ def score_metrics(logits: np.ndarray, log_p: np.ndarray, labels: np.ndarray) -> 
     to ``p`` raw and at ``t*``, for logits ``z`` ``[n, C]``."""
     labels = np.asarray(labels).reshape(len(logits), -1)
     t = metrics.fit_temperature(np.repeat(logits, labels.shape[1], axis=0), labels.ravel())
-    return {"temperature": t, "slope": logit_slope(logits, log_p), "kl": te.mean_kl(log_p, logits),
+    return {"t_star": t, "slope": logit_slope(logits, log_p), "kl": te.mean_kl(log_p, logits),
             "kl_calibrated": te.mean_kl(log_p, logits, t)}
 
 
@@ -299,7 +299,7 @@ def population_prediction(settings: StudySettings, data: toy.ToyData, log: Calla
             s, info = population_scores(np.exp(log_p), *marginals[m])
             out["inf"][name] = {**score_metrics(s + log_pi, log_p, labels), **info,
                                 "max_abs_score": float(np.abs(s).max())}
-            log(f"population M=inf m={name:>3}: t* {out['inf'][name]['temperature']:.3f}, slope "
+            log(f"population M=inf m={name:>3}: t* {out['inf'][name]['t_star']:.3f}, slope "
                 f"{out['inf'][name]['slope']:.2f} ({info['iterations']} Newton steps, {info['not_converged']} rows "
                 f"not converged, {time.time() - t0:.1f} s)")
     fq = min(settings.finite_queries, nq)
@@ -314,10 +314,10 @@ def population_prediction(settings: StudySettings, data: toy.ToyData, log: Calla
             out["finite"][str(batch)][name] = score_metrics(s + log_pi, log_p[:fq], labels[:fq])
             # The M = inf optimum on the same queries, for a like-for-like comparison.
             s_inf, _ = population_scores(np.exp(log_p[:fq]), atoms, weights)
-            out["finite"][str(batch)][name]["temperature_inf_same_queries"] = score_metrics(
-                s_inf + log_pi, log_p[:fq], labels[:fq])["temperature"]
-            log(f"population M={batch} m={name:>3}: t* {out['finite'][str(batch)][name]['temperature']:.3f} "
-                f"(M=inf on the same queries {out['finite'][str(batch)][name]['temperature_inf_same_queries']:.3f}; "
+            out["finite"][str(batch)][name]["t_star_inf_same_queries"] = score_metrics(
+                s_inf + log_pi, log_p[:fq], labels[:fq])["t_star"]
+            log(f"population M={batch} m={name:>3}: t* {out['finite'][str(batch)][name]['t_star']:.3f} "
+                f"(M=inf on the same queries {out['finite'][str(batch)][name]['t_star_inf_same_queries']:.3f}; "
                 f"{time.time() - t0:.1f} s)")
     return out
 
@@ -370,7 +370,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     groups: dict = {}
     for row in rows:
         groups.setdefault((row["batch_size"], row["steps"], row["m"]), []).append(row)
-    keys = ("temperature", "slope", "kl", "kl_calibrated", "top1", "ece")
+    keys = ("t_star", "slope", "kl", "kl_calibrated", "top1", "ece")
     return [{"batch_size": b, "steps": t, "m": m, "seeds": len(g), **{k: te.mean_std([r[k] for r in g]) for k in keys}}
             for (b, t, m), g in groups.items()]
 
@@ -380,7 +380,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _lookup(summary, batch_size, steps, m, key="temperature"):
+def _lookup(summary, batch_size, steps, m, key="t_star"):
     for s in summary:
         if s["batch_size"] == batch_size and s["steps"] == steps and s["m"] == m:
             return s[key]
@@ -392,7 +392,7 @@ def _trained_t_star(ax, xs, stats: list[dict], population: dict, m: str, i: int,
     ax.errorbar(xs, [v["mean"] for v in stats], yerr=[v["std"] for v in stats], marker="o", capsize=2,
                 color=f"C{i}", label=label)
     if m in population["inf"]:
-        ax.axhline(population["inf"][m]["temperature"], color=f"C{i}", ls=":", lw=1)
+        ax.axhline(population["inf"][m]["t_star"], color=f"C{i}", ls=":", lw=1)
 
 
 def _log2_axis(ax, xlabel: str, title: str) -> None:
@@ -414,7 +414,7 @@ def plot_study(path: str, summary: list[dict], population: dict, settings: Study
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
 
     ax = axes[0]
-    ax.plot([xpos[m] for m in pop_ms], [population["inf"][m]["temperature"] for m in pop_ms], "k-", lw=2,
+    ax.plot([xpos[m] for m in pop_ms], [population["inf"][m]["t_star"] for m in pop_ms], "k-", lw=2,
             label="optimum, M = inf (predicted)")
     lin = [m for m in order if m in population["linearised"]]
     ax.plot([xpos[m] for m in lin], [population["linearised"][m] for m in lin], "k:", label="small-tilt approximation")
@@ -424,7 +424,7 @@ def plot_study(path: str, summary: list[dict], population: dict, settings: Study
         st = [_lookup(summary, b, t, m) for m in ms]
         ax.errorbar([xpos[m] for m in ms], [v["mean"] for v in st], yerr=[v["std"] for v in st], marker="o", capsize=2,
                     color=f"C{i}", label=f"trained, M = {b}, {t} steps")
-    ax.set_ylim(0.8, max(4.0, 1.2 * max(population["inf"][m]["temperature"] for m in pop_ms)))
+    ax.set_ylim(0.8, max(4.0, 1.2 * max(population["inf"][m]["t_star"] for m in pop_ms)))
     ax.set_xticks(range(len(order)), order)
     ax.set_xlabel("annotators m")
     ax.set_ylabel("fitted temperature t*")
@@ -438,8 +438,8 @@ def plot_study(path: str, summary: list[dict], population: dict, settings: Study
                         f"trained, m = {m}")
         fin = [(int(b), population["finite"][b][m]) for b in population["finite"] if m in population["finite"][b]]
         if fin and m in population["inf"]:  # few queries: shown as the change from M = inf on the same queries
-            offset = population["inf"][m]["temperature"]
-            axes[1].plot([b for b, _ in fin], [v["temperature"] - v["temperature_inf_same_queries"] + offset
+            offset = population["inf"][m]["t_star"]
+            axes[1].plot([b for b, _ in fin], [v["t_star"] - v["t_star_inf_same_queries"] + offset
                                                for _, v in fin], marker="x", ls="--", color=f"C{i}",
                          label=f"optimum at finite M, m = {m} (offset)")
         _trained_t_star(axes[2], lengths, [_lookup(summary, base_b, t, m) for t in lengths], population, m, i,
@@ -501,7 +501,7 @@ def summary_markdown(summary: list[dict], population: dict, settings: StudySetti
               "| m | t* | small-tilt t* | slope | KL raw | KL at t* | max abs score | rows not converged |",
               "|---|---|---|---|---|---|---|---|"]
     for m, v in pop.items():
-        lines.append(f"| {m} | {v['temperature']:.3f} | {population['linearised'][m]:.3f} | {v['slope']:.2f} | "
+        lines.append(f"| {m} | {v['t_star']:.3f} | {population['linearised'][m]:.3f} | {v['slope']:.2f} | "
                      f"{v['kl']:.4f} | {v['kl_calibrated']:.4f} | {v['max_abs_score']:.0f} | {v['not_converged']} |")
     if population["finite"]:
         fin_ms = list(next(iter(population["finite"].values())))
@@ -509,9 +509,9 @@ def summary_markdown(summary: list[dict], population: dict, settings: StudySetti
                   f"{settings.finite_queries} queries, M = inf on the same queries in the last row)", "",
                   "| M | " + " | ".join(f"m = {m}" for m in fin_ms) + " |", "|---|" + "---|" * len(fin_ms)]
         for b, row in population["finite"].items():
-            lines.append(f"| {b} | " + " | ".join(f"{row[m]['temperature']:.3f}" for m in fin_ms) + " |")
+            lines.append(f"| {b} | " + " | ".join(f"{row[m]['t_star']:.3f}" for m in fin_ms) + " |")
         first = next(iter(population["finite"].values()))
-        lines.append("| inf | " + " | ".join(f"{first[m]['temperature_inf_same_queries']:.3f}" for m in fin_ms) + " |")
+        lines.append("| inf | " + " | ".join(f"{first[m]['t_star_inf_same_queries']:.3f}" for m in fin_ms) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -535,7 +535,7 @@ def run_study(settings: StudySettings = FULL, out_dir: Optional[str] = None,
         rows += train_cell(settings, datas, batch_size, steps)
         cell = aggregate([r for r in rows if r["batch_size"] == batch_size and r["steps"] == steps])
         log(f"trained M={batch_size} steps={steps}: t* " + ", ".join(
-            f"m={c['m']}: {c['temperature']['mean']:.2f}" for c in cell) + f" ({time.time() - tc:.1f} s)")
+            f"m={c['m']}: {c['t_star']['mean']:.2f}" for c in cell) + f" ({time.time() - tc:.1f} s)")
     summary = aggregate(rows)
     seconds = {"population": t1 - t0, "training": time.time() - t1, "total": time.time() - t0}
     files = {"metrics": "metrics.json", "summary": "summary.md", "figure": "temperature_study.png"}
