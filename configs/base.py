@@ -76,11 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         batch_size=128, eval_batch_size=1000, validation_fraction=0.1, validation_seed=0,
     ))
-    # noise_prior: the eta of the InfoNCE losses, 'class_prior' (training-label frequencies), 'uniform',
+    # noise: the noise distribution eta of the InfoNCE losses, 'class_prior' (training-label frequencies), 'uniform',
     # 'target_mean' (the mean of the soft targets given with the data) or 'explicit' (noise_probs, [C]);
     # prior_smoothing: pseudo-count added to every class count (or target mass).
     config.loss = ml_collections.ConfigDict(dict(
-        name="soft_target_infonce", temperature=1.0, noise_prior="class_prior", prior_smoothing=0.0,
+        name="soft_target_infonce", temperature=1.0, noise="class_prior", prior_smoothing=0.0,
         noise_probs=none(tuple),
     ))
     config.augment = augment(soft=True)

@@ -22,7 +22,7 @@ post-hoc temperature fit), 10,000 test tuples from the official 10,000 test imag
 ``[14, 14k, 1]``. Model and schedule as ``configs/fashion_mnist.py``, scaled to a 2-core CPU:
 ``small_cnn`` (two stride-2 3x3 convolutions of 32 and 64 channels, a 128-wide hidden layer),
 3,000 steps of batch 128 (6.4 epochs of the training tuples), AdamW at ``lr = 2e-3 * 128 / 256``,
-100 warm-up steps then a cosine to 1e-6. The noise prior is the training-label frequencies (base's
+100 warm-up steps then a cosine to 1e-6. The noise distribution is the training-label frequencies (base's
 ``class_prior``); with fewer than about 20 training tuples per class a class may be missing from them,
 which stops the run: set ``--config.loss.prior_smoothing=1`` then. A run of ``k = 3`` takes about 1-2
 minutes on a 2-core CPU (300 steps with start-up and evaluation: 31 s).

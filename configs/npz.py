@@ -14,7 +14,7 @@ Launch::
 Variants (``key=value`` after the colon): ``loss`` (any registered loss), ``model`` (``mlp`` for any
 inputs, ``small_cnn`` for images ``[n, H, W, c]``), ``augment`` (``off``, the default: the given
 targets as they are, or ``one_hot(labels)`` without them; ``mixup``: MixUp 0.8 of inputs and targets,
-for any inputs; ``on``: label smoothing 0.1 + MixUp/CutMix, images only), ``noise_prior``
+for any inputs; ``on``: label smoothing 0.1 + MixUp/CutMix, images only), ``noise``
 (``class_prior``, ``uniform``, ``target_mean``: the mean of the given targets), ``seed``, ``steps``,
 ``batch``. ``config.data.validation_file`` names a validation file; without one,
 ``validation_fraction`` (0.1) of the training file is held out for the post-hoc temperature fit.
@@ -35,7 +35,7 @@ AUGMENTS = ("off", "mixup", "on")
 
 def get_config(arg=None):
     args = config_utils.parse_arg(
-        arg, loss="soft_target_infonce", model="mlp", augment="off", noise_prior="class_prior", seed=0,
+        arg, loss="soft_target_infonce", model="mlp", augment="off", noise="class_prior", seed=0,
         steps=1000, batch=128,
     )
     if args["model"] not in MODELS:
@@ -56,6 +56,6 @@ def get_config(arg=None):
     base.set_loss(config, args["loss"], "on" if args["augment"] == "on" else "off")
     if args["augment"] == "mixup":
         config.augment.mixup_alpha = 0.8
-    config.loss.noise_prior = args["noise_prior"]
+    config.loss.noise = args["noise"]
     config.optim.warmup_steps = min(config.optim.warmup_steps, args["steps"] - 1)
     return config

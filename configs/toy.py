@@ -8,7 +8,7 @@ Launch (one run through the normal trainer)::
 Variants (``key=value`` after the colon): ``prior`` (``balanced`` or ``imbalanced`` = 0.6/0.3/0.1),
 ``annotators`` (``m`` = 1, 3, 10 simulated annotators whose vote histogram is the soft target, or
 ``inf`` for the true posterior), ``loss`` (any registered loss; ``nll`` and ``infonce`` train on
-the first annotator's vote, soft-target losses on the ``m``-vote histogram), ``noise_prior``
+the first annotator's vote, soft-target losses on the ``m``-vote histogram), ``noise``
 (``class_prior`` or ``uniform``), ``seed``, ``steps``.
 
 The full grid (every loss, prior and ``m``, 5 seeds, figures and tables) is
@@ -25,7 +25,7 @@ from softnce.configs import base
 
 def get_config(arg=None):
     args = config_utils.parse_arg(
-        arg, prior="balanced", annotators=10, loss="soft_target_infonce", noise_prior="class_prior",
+        arg, prior="balanced", annotators=10, loss="soft_target_infonce", noise="class_prior",
         seed=0, steps=800,
     )
     config = base.get_config()
@@ -43,7 +43,7 @@ def get_config(arg=None):
     config.model = ml_collections.ConfigDict(dict(name="mlp", hidden_sizes=(32, 32), dropout_rate=0.0))
     # The targets come with the data (annotator votes): no smoothing or mixing.
     base.set_loss(config, args["loss"], "off")
-    config.loss.noise_prior = args["noise_prior"]
+    config.loss.noise = args["noise"]
     config.optim.update(
         base_lr=3e-3, min_lr=1e-5, warmup_steps=min(config.optim.warmup_steps, args["steps"] - 1), weight_decay=0.01,
     )

@@ -23,7 +23,7 @@ __version__ = "0.5.0"
 
 # Public name -> the light-core module that defines it.
 _EXPORTS = {
-    # softnce.losses: the losses (per example, [N]; the caller reduces), the noise prior and the registry.
+    # softnce.losses: the losses (per example, [N]; the caller reduces), the noise distribution and the registry.
     "soft_target_infonce": "softnce.losses",
     "structured_soft_target_infonce": "softnce.losses",
     "blockwise_soft_target_infonce": "softnce.losses",

@@ -2,7 +2,7 @@
 
 From a config: its checks (:func:`validate_config`, with the fields of the named components), the
 dataset and the model (:func:`make_dataset_and_model`), the noise distribution ``eta``
-(:func:`noise_prior`), the initial variables and the train state (:func:`initial_variables`,
+(:func:`log_noise_probs`), the initial variables and the train state (:func:`initial_variables`,
 :func:`create_train_state`), the train step (:func:`train_step_kwargs`, :func:`make_train_step`), the
 evaluation steps (:func:`make_eval_fns`) and the teacher (:func:`load_teacher`); and for a checkpoint,
 its metadata (:func:`checkpoint_info`). The trainer, the evaluation and inference entry points, the
@@ -49,10 +49,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     and the range (:mod:`softnce.config_checks`).
     """
     components = config_components(config)
-    if config.loss.noise_prior not in NOISE_PRIORS:
+    if config.loss.noise not in NOISE_CHOICES:
         raise config_checks.ConfigError(
-            f"config.loss.noise_prior must be one of {', '.join(map(repr, NOISE_PRIORS))} ('explicit' with "
-            f"config.loss.noise_probs), got {config.loss.noise_prior!r}."
+            f"config.loss.noise must be one of {', '.join(map(repr, NOISE_CHOICES))} ('explicit' with "
+            f"config.loss.noise_probs), got {config.loss.noise!r}."
         )
     config_checks.check_config(config, components=components)
     try:
@@ -60,10 +60,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     except ValueError as error:
         raise config_checks.ConfigError(f"config.augment: {error}") from None
     noise_probs = config.loss.get("noise_probs")
-    if (config.loss.noise_prior == "explicit") != (noise_probs is not None):
+    if (config.loss.noise == "explicit") != (noise_probs is not None):
         raise config_checks.ConfigError(
-            "config.loss.noise_prior='explicit' and config.loss.noise_probs (the prior eta, one probability per "
-            f"class) go together; got noise_prior={config.loss.noise_prior!r}, noise_probs={noise_probs!r}."
+            "config.loss.noise='explicit' and config.loss.noise_probs (the noise distribution eta, one probability per "
+            f"class) go together; got noise={config.loss.noise!r}, noise_probs={noise_probs!r}."
         )
     distill.check_config(config, files=False)  # the teacher's files: when training starts (set_up)
 
@@ -92,12 +92,12 @@ def config_components(config: ml_collections.ConfigDict) -> list[config_checks.C
     return components
 
 
-NOISE_PRIORS = ("class_prior", "uniform", "target_mean", "explicit")
-"""The choices of ``config.loss.noise_prior`` (:func:`noise_prior`)."""
+NOISE_CHOICES = ("class_prior", "uniform", "target_mean", "explicit")
+"""The choices of ``config.loss.noise``, the noise distribution eta (:func:`log_noise_probs`)."""
 
 
 def explicit_log_prior(noise_probs, num_classes: int, *, atol: float = 1e-3) -> jax.Array:
-    """``log(noise_probs)`` float32 ``[C]`` for ``noise_prior='explicit'``; checks length, sign and sum."""
+    """``log(noise_probs)`` float32 ``[C]`` for ``noise='explicit'``; checks length, sign and sum."""
     probs = np.asarray(noise_probs, np.float64)
     if probs.shape != (num_classes,):
         raise config_checks.ConfigError(
@@ -111,17 +111,17 @@ def explicit_log_prior(noise_probs, num_classes: int, *, atol: float = 1e-3) -> 
     return jnp.asarray(np.log(probs), jnp.float32)
 
 
-def noise_prior(config: ml_collections.ConfigDict, dataset: Dataset) -> Optional[jax.Array]:
+def log_noise_probs(config: ml_collections.ConfigDict, dataset: Dataset) -> Optional[jax.Array]:
     """``log(eta)`` of the InfoNCE-type losses, computed once; ``None`` for uniform / unused.
 
-    ``config.loss.noise_prior``: ``'class_prior'`` the training-label frequencies, ``'target_mean'``
+    ``config.loss.noise``: ``'class_prior'`` the training-label frequencies, ``'target_mean'``
     the mean of the soft targets given with the training split (their per-class sums, with the same
     ``prior_smoothing``: :func:`softnce.losses.log_prior_from_mass`), ``'explicit'``
     ``config.loss.noise_probs``. A class without mass is a :class:`~softnce.config_checks.ConfigError`
     unless ``config.loss.prior_smoothing > 0``.
     """
-    kind = config.loss.noise_prior
-    if not losses.get_loss(config.loss.name).uses_noise_prior or kind == "uniform":
+    kind = config.loss.noise
+    if not losses.get_loss(config.loss.name).uses_noise or kind == "uniform":
         return None
     smoothing = config.loss.get("prior_smoothing", 0.0)
     if kind == "explicit":
@@ -130,7 +130,7 @@ def noise_prior(config: ml_collections.ConfigDict, dataset: Dataset) -> Optional
         sums = dataset.train_target_sums()
         if sums is None:
             raise config_checks.ConfigError(
-                f"config.loss.noise_prior='target_mean' is the mean of the soft targets given with the data, but "
+                f"config.loss.noise='target_mean' is the mean of the soft targets given with the data, but "
                 f"the dataset {config.data.name!r} gives none; use 'class_prior', 'uniform' or 'explicit'."
             )
         mass, what = sums, "soft-target mass in the training split"
@@ -140,7 +140,7 @@ def noise_prior(config: ml_collections.ConfigDict, dataset: Dataset) -> Optional
         return losses.log_prior_from_mass(mass, smoothing=smoothing, what=what)
     except ValueError as error:
         raise config_checks.ConfigError(
-            f"noise prior: {error} Set config.loss.prior_smoothing > 0 or another config.loss.noise_prior."
+            f"noise distribution: {error} Set config.loss.prior_smoothing > 0 or another config.loss.noise."
         ) from None
 
 
@@ -246,7 +246,7 @@ def checkpoint_info(workdir, ckpt_dir, step: int, *, dataset=None) -> tuple[dict
     config = checkpoint_metadata.read_run_config(workdir)
     if dataset is None:
         dataset, _ = make_dataset_and_model(config)
-    metadata = checkpoint_metadata.legacy(workdir, config, dataset, noise_prior(config, dataset), step)
+    metadata = checkpoint_metadata.legacy(workdir, config, dataset, log_noise_probs(config, dataset), step)
     return metadata, dataset
 
 

@@ -13,13 +13,14 @@ item (the train state):
 has neither; :func:`legacy` rebuilds it from the run's ``config.json``, its dataset and
 ``metrics.json`` (for ``t_star``), with a warning.
 
-Fields (``version`` 1)::
+Fields (``version`` 2; version 1 named ``noise_probs`` ``class_prior``, and a run config written before
+named ``config.loss.noise`` ``noise_prior``: both are read with today's names)::
 
-    version        1
+    version        2
     step           the checkpoint's step
     num_classes    C
     class_names    [C] names ("0".."C-1" when the dataset has none)
-    class_prior    [C] exp(log eta), the noise prior of the loss; the normalised training-label
+    noise_probs    [C] eta = exp(log eta), the loss's noise distribution; the normalised training-label
                    counts when the loss uses none (or a uniform one)
     temperature    config.loss.temperature, the training temperature t of softmax(z / t)
     t_star         the post-hoc temperature fitted on the validation split, or null
@@ -38,7 +39,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-VERSION = 1
+VERSION = 2
 FILENAME = "softnce_metadata.json"
 
 
@@ -46,7 +47,7 @@ class MetadataError(ValueError):
     """Metadata that cannot be used (a newer version, or none and no way to rebuild it)."""
 
 
-def class_prior(dataset, log_noise_probs=None) -> list[float]:
+def noise_probs(dataset, log_noise_probs=None) -> list[float]:
     """``exp(log_noise_probs)`` (renormalised), else the normalised training-label counts."""
     if log_noise_probs is not None:
         prior = np.exp(np.asarray(log_noise_probs, np.float64))
@@ -98,7 +99,7 @@ def build(config, dataset, log_noise_probs=None, *, step: Optional[int] = None,
         "step": None if step is None else int(step),
         "num_classes": int(dataset.num_classes),
         "class_names": class_names(dataset),
-        "class_prior": class_prior(dataset, log_noise_probs),
+        "noise_probs": noise_probs(dataset, log_noise_probs),
         "temperature": float(config_json["loss"]["temperature"]),
         "t_star": None if t_star is None else float(t_star),
         "input": {
@@ -123,6 +124,10 @@ def check(metadata: dict, where: str = "") -> dict:
             f"checkpoint metadata{' in ' + where if where else ''} has version {version!r}; this softnce "
             f"reads versions up to {VERSION} (upgrade softnce)."
         )
+    if version < 2 and "class_prior" in metadata:  # version 1 named the noise distribution class_prior
+        metadata = {("noise_probs" if k == "class_prior" else k): v for k, v in metadata.items()}
+    if isinstance(metadata.get("config"), dict):
+        metadata = dict(metadata, config=upgrade_config(metadata["config"]))
     return metadata
 
 
@@ -184,9 +189,18 @@ def legacy(workdir, config, dataset, log_noise_probs, step: int) -> dict:
     return build(config, dataset, log_noise_probs, step=step, t_star=t_star)
 
 
+def upgrade_config(config_json: dict) -> dict:
+    """A run config saved by an earlier softnce with today's names: ``loss.noise_prior`` is ``loss.noise``."""
+    loss = config_json.get("loss")
+    if isinstance(loss, dict) and "noise_prior" in loss and "noise" not in loss:
+        loss = {("noise" if k == "noise_prior" else k): v for k, v in loss.items()}
+        config_json = dict(config_json, loss=loss)
+    return config_json
+
+
 def to_config(config_json: dict):
-    """A ``ConfigDict`` from a config saved as JSON (``config.json``, the metadata's ``config``); lists
-    become tuples again, as the config files write them."""
+    """A ``ConfigDict`` from a config saved as JSON (``config.json``, the metadata's ``config``), with today's
+    names (:func:`upgrade_config`); lists become tuples again, as the config files write them."""
     import ml_collections
 
     def tuples(value):
@@ -196,7 +210,7 @@ def to_config(config_json: dict):
             return tuple(tuples(v) for v in value)
         return value
 
-    return ml_collections.ConfigDict(tuples(config_json))
+    return ml_collections.ConfigDict(tuples(upgrade_config(config_json)))
 
 
 def read_run_config(workdir):

@@ -135,8 +135,9 @@ RULES: dict[str, Range] = {
     # (softnce.models), and so are the teacher model's (distill.teacher_model).
     # Loss.
     "loss.temperature": positive("the loss temperature t in z / t"),
-    "loss.prior_smoothing": non_negative("pseudo-count added to every class for the noise prior"),
-    "loss.noise_probs": positive("the explicit noise prior eta of noise_prior='explicit'; None = off", allow_none=True),
+    "loss.prior_smoothing": non_negative("pseudo-count added to every class for the noise distribution"),
+    "loss.noise_probs": positive("the explicit noise distribution eta of noise='explicit'; None = off",
+                                 allow_none=True),
     # Soft targets.
     "augment.label_smoothing": fraction_below_one("label smoothing epsilon"),
     "augment.mixup_alpha": non_negative("Beta(alpha, alpha) of MixUp; 0 = off"),

@@ -2,7 +2,7 @@
 
 This file is copied into every export as ``load.py``, beside the artefact it loads::
 
-    metadata.json         the checkpoint metadata (classes, t*, temperature, class prior, input, config)
+    metadata.json         the checkpoint metadata (classes, t*, temperature, noise distribution, input, config)
                           and the export's own fields (the files below, jax version, platforms)
     variables.npz         the model's variables (parameters and state), one array per leaf
                           (``variable_paths`` in metadata.json)
@@ -88,8 +88,10 @@ class ExportedClassifier:
         return None if value is None else float(value)
 
     @property
-    def class_prior(self) -> np.ndarray:
-        return np.asarray(self.metadata["class_prior"], np.float64)
+    def noise_probs(self) -> np.ndarray:
+        """``eta``, the noise distribution the model was trained with ([C])."""
+        # An export of softnce < 0.5 (checkpoint metadata version 1) names it class_prior.
+        return np.asarray(self.metadata.get("noise_probs", self.metadata.get("class_prior")), np.float64)
 
     def _prepare(self, x):
         shape = tuple(self.metadata["input"]["shape"])

@@ -52,7 +52,7 @@ class Classifier:
       model: the Flax module (``model.apply(variables, x, train=False) -> logits``).
       variables: its variables, ``{'params': params, **model_state}`` (e.g. BatchNorm's ``batch_stats``).
       metadata: :mod:`softnce.checkpoint_metadata`'s dict (``num_classes``, ``class_names``,
-        ``class_prior``, ``temperature``, ``t_star``, ``input``, ``config``, ...).
+        ``noise_probs``, ``temperature``, ``t_star``, ``input``, ``config``, ...).
       input_transform: the dataset's ``device_eval_transform`` (e.g. uint8 -> normalised float), or ``None``.
     """
 
@@ -85,8 +85,9 @@ class Classifier:
         return list(self.metadata["class_names"])
 
     @property
-    def class_prior(self) -> np.ndarray:
-        return np.asarray(self.metadata["class_prior"], np.float64)
+    def noise_probs(self) -> np.ndarray:
+        """``eta``, the noise distribution the model was trained with ([C])."""
+        return np.asarray(self.metadata["noise_probs"], np.float64)
 
     @property
     def temperature(self) -> float:

@@ -19,7 +19,7 @@ Masks: every loss takes ``where``, a bool ``[N]`` row mask (default ``None``: ev
 where it is False gets loss 0 and zero gradient, and in the InfoNCE-type losses it is neither scored nor a
 candidate (negative) of any row on any device: the mask is all-gathered like the targets and the sums over
 ``j`` run over the valid columns only, so the valid rows get exactly the losses of the batch with the
-masked rows dropped (the noise prior and the temperature act as before). Masked rows may hold anything
+masked rows dropped (the noise distribution and the temperature act as before). Masked rows may hold anything
 (padding, NaN, label ``-1``). Reduce with ``loss.sum() / jnp.maximum(where.sum(), 1)``.
 
 Value checks: under ``jit`` a loss cannot raise on values (an out-of-range label gives NaN; a target row
@@ -132,7 +132,7 @@ def _checked_scores(
     """The argument checks of the InfoNCE-type loss ``fn``, its row mask and scores ``s = z / t - log(eta)``.
 
     ``kind`` (``'targets'``, ``'labels'`` or ``'structured'``) says what ``operand`` is; its shapes, the
-    mask and the noise prior are checked, then the value checks run if :func:`debug_checks` is on.
+    mask and the noise distribution are checked, then the value checks run if :func:`debug_checks` is on.
     The masked rows of the scores are those of zero logits (their gradient is exactly 0).
     """
     where = _check_where(fn, logits, where)
@@ -777,19 +777,19 @@ class LossInputs(NamedTuple):
 
 LossFn = Callable[[Array, LossInputs], Array]
 
-SHARED_FIELDS = ("name", "temperature", "noise_prior", "prior_smoothing", "noise_probs")
+SHARED_FIELDS = ("name", "temperature", "noise", "prior_smoothing", "noise_probs")
 """The fields of ``config.loss`` that every loss has (read by the trainer: the temperature and the noise
 distribution reach a loss through :class:`LossInputs`)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
-    """A registry entry: the loss, whether it uses the noise prior ``eta`` and whether it reads only the hard
+    """A registry entry: the loss, whether it uses the noise distribution ``eta`` and whether it reads only the hard
     labels (``inputs.labels``; then soft targets, from a recipe or a teacher, do not enter it)."""
 
     name: str
     fn: LossFn
-    uses_noise_prior: bool
+    uses_noise: bool
     reads_labels_only: bool = False
 
     @property
@@ -807,11 +807,11 @@ class LossSpec:
 LOSSES: Registry[LossSpec] = Registry("loss", "losses", fields_of=lambda spec: spec.fields)
 
 
-def register_loss(name: str, fn: Optional[LossFn] = None, *, uses_noise_prior: bool = False,
+def register_loss(name: str, fn: Optional[LossFn] = None, *, uses_noise: bool = False,
                   reads_labels_only: bool = False, ranges: Optional[dict] = None, overwrite: bool = False):
     """Registers ``fn(logits, inputs: LossInputs, *, **fields) -> [N]`` as ``config.loss.name = name``.
 
-    Returns ``fn``; without it, a decorator. ``uses_noise_prior``: the trainer computes ``log(eta)``
+    Returns ``fn``; without it, a decorator. ``uses_noise``: the trainer computes ``log(eta)``
     for it (``inputs.log_noise_probs``). ``reads_labels_only``: the loss reads the hard labels and not
     the soft targets (the trainer says so when a teacher is given). The keyword-only parameters of
     ``fn`` are the loss's config fields (``def focal(logits, inputs, *, gamma=2.0)``:
@@ -821,7 +821,7 @@ def register_loss(name: str, fn: Optional[LossFn] = None, *, uses_noise_prior: b
     """
 
     def register(fn: LossFn) -> LossFn:
-        spec = LossSpec(name=name, fn=fn, uses_noise_prior=uses_noise_prior, reads_labels_only=reads_labels_only)
+        spec = LossSpec(name=name, fn=fn, uses_noise=uses_noise, reads_labels_only=reads_labels_only)
         LOSSES.register(name, spec, overwrite=overwrite, ranges=ranges)
         return fn
 
@@ -843,12 +843,12 @@ def _soft_ce(logits, inputs: LossInputs):
     return soft_target_cross_entropy(logits, inputs.targets, temperature=inputs.temperature, where=inputs.where)
 
 
-@register_loss("infonce", uses_noise_prior=True, reads_labels_only=True)
+@register_loss("infonce", uses_noise=True, reads_labels_only=True)
 def _infonce(logits, inputs: LossInputs):
     return infonce(logits, inputs.labels, **inputs.contrastive_options)
 
 
-@register_loss("soft_target_infonce", uses_noise_prior=True)
+@register_loss("soft_target_infonce", uses_noise=True)
 def _sti(logits, inputs: LossInputs):
     # Structured targets (from MixUp/CutMix) give the same values with O(M k) communication.
     if inputs.structured_targets is not None:
@@ -856,7 +856,7 @@ def _sti(logits, inputs: LossInputs):
     return soft_target_infonce(logits, inputs.targets, **inputs.contrastive_options)
 
 
-@register_loss("soft_target_infonce_blockwise", uses_noise_prior=True)
+@register_loss("soft_target_infonce_blockwise", uses_noise=True)
 def _sti_blockwise(logits, inputs: LossInputs):
     # Dense STI with O(N * BLOCKWISE_BLOCK_SIZE) memory (set the module constant to change the block).
     return blockwise_soft_target_infonce(
@@ -864,7 +864,7 @@ def _sti_blockwise(logits, inputs: LossInputs):
     )
 
 
-@register_loss("soft_distribution_infonce", uses_noise_prior=True)
+@register_loss("soft_distribution_infonce", uses_noise=True)
 def _sampled_infonce(logits, inputs: LossInputs):
     # inputs.rng is already distinct per device, so no further fold-in.
     return soft_distribution_infonce(
@@ -878,7 +878,7 @@ def _sampled_cross_entropy(logits, inputs: LossInputs):
                                            where=inputs.where)
 
 
-@register_loss("soft_distribution_infonce_premix", uses_noise_prior=True, reads_labels_only=True)
+@register_loss("soft_distribution_infonce_premix", uses_noise=True, reads_labels_only=True)
 def _premix_infonce(logits, inputs: LossInputs):
     # The reference's variant: hard InfoNCE on each sample's own label from before MixUp/CutMix.
     return _infonce(logits, inputs)

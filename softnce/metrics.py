@@ -1,7 +1,7 @@
 """Evaluation metrics: top-1, top-5, NLL, expected calibration error and reliability diagrams.
 
 Prediction follows the reference: the class is ``argmax(z / t)`` and the probabilities are
-``softmax(z / t)``; the noise prior ``log(eta)`` is not subtracted at test time.
+``softmax(z / t)``; the noise distribution ``log(eta)`` is not subtracted at test time.
 
 Metrics are accumulated as sums over batches (``metric_sums``), so padded examples (``mask`` False)
 are left out exactly and the result does not depend on how the data is split into batches or devices.

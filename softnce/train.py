@@ -115,7 +115,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     local_batch = distributed.check_batch_size(config.data.batch_size, mesh)
     local_eval_batch = distributed.check_batch_size(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
     dataset, model = assembly.make_dataset_and_model(config)
-    log_noise_probs = assembly.noise_prior(config, dataset)
+    log_noise_probs = assembly.log_noise_probs(config, dataset)
     teacher = assembly.load_teacher(config, dataset)  # None without config.distill; checked before any write
     if teacher is not None:
         _print_chief(is_chief, distill.describe(teacher, config))

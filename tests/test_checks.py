@@ -82,7 +82,7 @@ def test_bad_labels_are_named(name):
     loss(logits, _with(labels, 4, None, C), where=jnp.arange(N) != 4)
 
 
-def test_noise_prior_and_structured_targets():
+def test_noise_distribution_and_structured_targets():
     logits, _, labels, log_eta = _batch()
     with pytest.raises(ValueError, match=r"infonce: log_noise_probs\[2\] is -inf, not finite"):
         L.checked(L.infonce)(logits, labels, log_noise_probs=_with(log_eta, 2, None, -np.inf))

@@ -54,7 +54,7 @@ def test_a_loss_field_set_in_the_config_reaches_the_loss(user_module):
 def test_the_field_reaches_the_train_step(tmp_path, user_module):
     """Focal with gamma = 0 is soft-target CE: the same run to the last digit; gamma = 2 is another run."""
     def run(name, **fields):
-        config = small_config(**{"loss.name": name, "loss.noise_prior": "uniform"})
+        config = small_config(**{"loss.name": name, "loss.noise": "uniform"})
         for field, value in fields.items():
             config.loss[field] = value
         workdir = str(tmp_path / f"{name}{fields}")
@@ -80,11 +80,11 @@ def test_a_field_the_named_component_does_not_take_lists_those_it_takes(user_mod
     config.loss.gama = 1.5
     assert message_of(config) == (
         "config.loss.gama: loss 'user_focal' takes no field 'gama' (did you mean 'gamma'?); its fields: gamma, name, "
-        "noise_prior, noise_probs, prior_smoothing, temperature.")
+        "noise, noise_probs, prior_smoothing, temperature.")
     config = small_config()
     config.loss.gamma = 1.5  # STI takes no gamma
     assert message_of(config).startswith("config.loss.gamma: loss 'soft_target_infonce' takes no field 'gamma'; "
-                                         "its fields: name, noise_prior")
+                                         "its fields: name, noise, noise_probs")
     config = small_config()
     config.model.channels = (8,)  # a small_cnn field on the MLP
     assert message_of(config) == ("config.model.channels: model 'mlp' takes no field 'channels'; its fields: "
@@ -107,7 +107,7 @@ def test_declared_ranges_and_undeclared_fields(user_module, register_for_test):
     def margin_loss(logits, inputs, *, margin, scale=1.0):  # no ranges declared; margin has no default
         return scale * jnp.maximum(0.0, margin - jnp.sum(logits * inputs.targets, -1))
 
-    register_for_test(losses.LOSSES, "margin", losses.LossSpec("margin", margin_loss, uses_noise_prior=False))
+    register_for_test(losses.LOSSES, "margin", losses.LossSpec("margin", margin_loss, uses_noise=False))
     config = small_config(**{"loss.name": "margin"})
     assert message_of(config) == ("config.loss needs margin: loss 'margin' takes it without a default.")
     config.loss.margin = 0.3

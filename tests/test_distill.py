@@ -116,7 +116,7 @@ def test_train_step_uses_the_teacher_targets_and_1_and_8_devices_agree(teacher_d
                                              tx=optax.sgd(0.1))
 
     mix_config = targets.MixConfig.from_config(config.augment)
-    key, log_eta = jax.random.PRNGKey(3), assembly.noise_prior(config, get_dataset(config.data))
+    key, log_eta = jax.random.PRNGKey(3), assembly.log_noise_probs(config, get_dataset(config.data))
     mesh = distributed.make_mesh()
     for loss_fn in (losses.get_loss("soft_target_infonce").fn, _expected_class_loss):
         kwargs = dict(loss_fn=loss_fn, num_classes=10, mix_config=mix_config, temperature=1.0, teacher=loaded.teacher)

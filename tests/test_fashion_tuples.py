@@ -249,5 +249,5 @@ def test_cli_trains_k2_end_to_end(prepared, tmp_path, cli_env):  # noqa: F811
     clf = inference.load(str(workdir))
     assert clf.class_names == [f"{c:02d}" for c in range(100)]
     counts = build(ml_collections.ConfigDict(config["data"])).train_label_counts()
-    np.testing.assert_allclose(clf.class_prior, counts / counts.sum(), rtol=1e-5)
+    np.testing.assert_allclose(clf.noise_probs, counts / counts.sum(), rtol=1e-5)
     assert clf.predict(np.zeros((2, 14, 28, 1), np.float32)).shape == (2,)

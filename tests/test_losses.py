@@ -373,7 +373,7 @@ def test_soft_distribution_cross_entropy_is_nll_on_the_drawn_labels_and_soft_ce_
     masked = losses.soft_distribution_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets, jnp.float32),
                                                     key, temperature=2.0, where=where)
     assert float(masked[2]) == 0.0 and np.all(np.isfinite(np.asarray(masked)))
-    assert losses.get_loss("soft_distribution_cross_entropy").uses_noise_prior is False
+    assert losses.get_loss("soft_distribution_cross_entropy").uses_noise is False
 
 
 def test_sampled_labels_follow_target_distribution():
@@ -417,7 +417,7 @@ def test_every_registered_loss_returns_per_example_losses(batch):
     np.testing.assert_allclose(
         losses.get_loss("nll").fn(logits, inputs), np_soft_ce(logits, one_hot(labels, C), TEMPERATURE)[0], **TOL
     )
-    assert losses.get_loss("soft_target_infonce").uses_noise_prior and not losses.get_loss("nll").uses_noise_prior
+    assert losses.get_loss("soft_target_infonce").uses_noise and not losses.get_loss("nll").uses_noise
 
 
 def test_registered_losses_call_their_public_functions(batch):
@@ -479,7 +479,7 @@ def test_user_defined_loss_registers_and_runs(batch):
             return ((jax.nn.softmax(z) - inputs.targets) ** 2).sum(axis=-1)
 
         spec = losses.get_loss(name)
-        assert spec.fn is squared_error and not spec.uses_noise_prior
+        assert spec.fn is squared_error and not spec.uses_noise
         out = spec.fn(logits, LossInputs(targets=targets, labels=labels, rng=jax.random.key(0)))
         expected = ((_np_softmax(logits.astype(np.float64)) - targets) ** 2).sum(axis=1)
         np.testing.assert_allclose(out, expected, **TOL)
@@ -582,6 +582,6 @@ def test_every_loss_declares_what_it_reads_where_it_is_registered():
     assert reads_labels == ["infonce", "nll", "soft_distribution_infonce_premix"]
     # The configs' hard-label baselines (trained on one_hot(labels) by default) are losses that read only labels.
     assert all(losses.get_loss(name).reads_labels_only for name in base.HARD_LABEL_LOSSES)
-    uses_prior = sorted(name for name in losses.LOSSES if losses.get_loss(name).uses_noise_prior)
+    uses_prior = sorted(name for name in losses.LOSSES if losses.get_loss(name).uses_noise)
     assert uses_prior == ["infonce", "soft_distribution_infonce", "soft_distribution_infonce_premix",
                           "soft_target_infonce", "soft_target_infonce_blockwise"]

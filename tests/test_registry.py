@@ -106,7 +106,7 @@ def test_a_user_dataset_with_given_soft_targets_trains_with_mixup(tmp_path, user
     """The user's dataset brings soft targets; MixUp mixes them (not one_hot(label)) in the trainer."""
     config = small_config(**{"data.name": "user_soft_blobs", "optim.base_lr": 0.4, "augment.cutmix_alpha": 0.0,
                              "augment.mixup_alpha": 0.8, "augment.mix_prob": 1.0, "augment.label_smoothing": 0.0,
-                             "loss.noise_prior": "target_mean"})
+                             "loss.noise": "target_mean"})
     config.model = ml_collections.ConfigDict({"name": "user_linear"})
     result = train.train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(result["nll"]) and result["top1"] > 0.5  # 12 steps on mixed soft targets; chance is 0.25

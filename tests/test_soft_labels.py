@@ -89,7 +89,7 @@ def test_npz_dataset_splits_targets_with_their_examples(tmp_path):
     np.testing.assert_allclose(dataset.train_target_sums(), arrays["targets"][~held_out].sum(0), rtol=1e-6)
 
 
-def test_noise_prior_from_counts_target_mean_or_explicit_against_hand_computation(tmp_path):
+def test_noise_distribution_from_counts_target_mean_or_explicit_against_hand_computation(tmp_path):
     train_file, arrays = write_npz(str(tmp_path))
     config = npz_run_config(train_file, train_file)
     dataset = get_dataset(config.data)
@@ -97,35 +97,35 @@ def test_noise_prior_from_counts_target_mean_or_explicit_against_hand_computatio
     labels, soft = arrays["labels"][~held_out], arrays["targets"][~held_out].astype(np.float32)
     for smoothing in (0.0, 2.0):
         config.loss.prior_smoothing = smoothing
-        config.loss.noise_prior = "class_prior"
+        config.loss.noise = "class_prior"
         counts = np.bincount(labels, minlength=C)
-        np.testing.assert_allclose(assembly.noise_prior(config, dataset),
+        np.testing.assert_allclose(assembly.log_noise_probs(config, dataset),
                                    np.log((counts + smoothing) / (108 + C * smoothing)), rtol=1e-6)
-        config.loss.noise_prior = "target_mean"
+        config.loss.noise = "target_mean"
         mass = soft.astype(np.float64).sum(0)
-        np.testing.assert_allclose(assembly.noise_prior(config, dataset),
+        np.testing.assert_allclose(assembly.log_noise_probs(config, dataset),
                                    np.log((mass + smoothing) / (108 + C * smoothing)), rtol=1e-5)
-    np.testing.assert_allclose(np.exp(assembly.noise_prior(config, dataset)).sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.exp(assembly.log_noise_probs(config, dataset)).sum(), 1.0, rtol=1e-6)
     config.loss.prior_smoothing = 0.0
-    np.testing.assert_allclose(np.exp(assembly.noise_prior(config, dataset)), soft.mean(0), rtol=1e-5)  # the mean
-    config.loss.noise_prior, config.loss.noise_probs = "explicit", (0.5, 0.3, 0.2)
+    np.testing.assert_allclose(np.exp(assembly.log_noise_probs(config, dataset)), soft.mean(0), rtol=1e-5)  # the mean
+    config.loss.noise, config.loss.noise_probs = "explicit", (0.5, 0.3, 0.2)
     assembly.validate_config(config)
-    np.testing.assert_allclose(assembly.noise_prior(config, dataset), np.log([0.5, 0.3, 0.2]), rtol=1e-6)
+    np.testing.assert_allclose(assembly.log_noise_probs(config, dataset), np.log([0.5, 0.3, 0.2]), rtol=1e-6)
     config.loss.noise_probs = (0.5, 0.5)
     with pytest.raises(ConfigError, match=r"noise_probs has 2 entries; the dataset has 3 classes"):
-        assembly.noise_prior(config, dataset)
+        assembly.log_noise_probs(config, dataset)
     config.loss.noise_probs = (0.5, 0.3, 0.3)
     with pytest.raises(ConfigError, match=r"must be positive and sum to 1 .* it sums to 1.1"):
-        assembly.noise_prior(config, dataset)
+        assembly.log_noise_probs(config, dataset)
     config.loss.noise_probs = None
-    with pytest.raises(ConfigError, match=r"noise_prior='explicit' and config.loss.noise_probs .* go together"):
+    with pytest.raises(ConfigError, match=r"noise='explicit' and config.loss.noise_probs .* go together"):
         assembly.validate_config(config)
-    config.loss.noise_prior = "uniform"
-    assert assembly.noise_prior(config, dataset) is None
+    config.loss.noise = "uniform"
+    assert assembly.log_noise_probs(config, dataset) is None
     # target_mean needs targets given with the data.
-    digits = small_config(**{"loss.noise_prior": "target_mean"})
+    digits = small_config(**{"loss.noise": "target_mean"})
     with pytest.raises(ConfigError, match=r"'target_mean' is the mean of the soft targets .* 'digits' gives none"):
-        assembly.noise_prior(digits, get_dataset(digits.data))
+        assembly.log_noise_probs(digits, get_dataset(digits.data))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,13 +160,13 @@ def test_trainer_smooths_and_mixes_given_targets_and_keeps_them_as_they_are_othe
 def test_npz_dataset_trains_with_mixup_of_its_soft_targets(tmp_path):
     train_file, _ = write_npz(str(tmp_path), n=400)
     test_file, _ = write_npz(str(tmp_path), "test", n=64, seed=1)
-    config = npz_run_config(train_file, test_file, "augment=mixup,steps=8,noise_prior=target_mean",
+    config = npz_run_config(train_file, test_file, "augment=mixup,steps=8,noise=target_mean",
                             **{"optim.base_lr": 0.02})
     assert config.augment.mixup_alpha == 0.8 and config.augment.cutmix_alpha == 0.0
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert result["step"] == 8 and np.isfinite(result["nll"]) and result["top1"] > 0.5  # chance is 1/3
     saved = json.load(open(tmp_path / "run" / "config.json"))
-    assert saved["data"]["name"] == "npz" and saved["loss"]["noise_prior"] == "target_mean"
+    assert saved["data"]["name"] == "npz" and saved["loss"]["noise"] == "target_mean"
 
 
 def test_a_users_soft_target_dataset_trains_with_mixup_through_the_cli(tmp_path, cli_env):

@@ -223,7 +223,7 @@ def test_config_runs_through_the_entry_point_and_matches_the_vmapped_trainer(tmp
     dataset = get_dataset(config.data)
     data = {"inputs": dataset.train_inputs, "label": dataset.train_labels, "targets": dataset.train_targets}
     rows = vmapped.batch_rows(config.seed, dataset.num_train_examples, config.data.batch_size, config.num_train_steps)
-    log_eta = np.asarray(assembly.noise_prior(config, dataset))
+    log_eta = np.asarray(assembly.log_noise_probs(config, dataset))
     params, _ = te.make_train_fn(config)(
         jax.random.PRNGKey(config.seed)[None], jax.tree.map(lambda v: v[None], data), rows[None], log_eta[None]
     )

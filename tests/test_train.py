@@ -158,7 +158,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
         ("loss.name", "softmax", r"unknown loss 'softmax'; valid losses: .*soft_target_infonce"),
         ("data.name", "mnist", r"unknown dataset 'mnist'; valid datasets: .*digits"),
         ("model.name", "resnet", r"unknown model 'resnet'; valid models: .*mlp"),
-        ("loss.noise_prior", "zipf", r"noise_prior must be one of 'class_prior', 'uniform', 'target_mean', 'explicit'"),
+        ("loss.noise", "zipf", r"noise must be one of 'class_prior', 'uniform', 'target_mean', 'explicit'"),
         ("data.batch_size", 60, r"batch_size=60 does not divide over the 8 devices"),
         ("augment.mode", "row", r"mode must be one of"),
     ],

@@ -141,7 +141,7 @@ def test_load_predicts_calibrated_probabilities_from_the_checkpoint_alone(digits
     assert clf.class_names == [str(c) for c in range(10)] and clf.example_shape == (8, 8, 1)
     dataset = assembly.make_dataset_and_model(small_config())[0]
     counts = np.bincount(dataset.train_labels, minlength=10)
-    np.testing.assert_allclose(clf.class_prior, counts / counts.sum(), rtol=1e-5)
+    np.testing.assert_allclose(clf.noise_probs, counts / counts.sum(), rtol=1e-5)
 
     z = clf.logits(x_test).astype(np.float64)
     p = clf.predict_proba(x_test)
@@ -247,6 +247,33 @@ def check_export_in_fresh_process(export_dir, classifier, inputs: dict, tmp_path
     return worst
 
 
+def test_a_run_saved_with_the_earlier_names_loads_and_evaluates(digits_run, tmp_path):
+    """Metadata version 1 (the noise distribution named class_prior), a config.json with loss.noise_prior and
+    a metrics.json with t* named temperature: read with today's names, the same predictions and metrics."""
+    old = tmp_path / "old"
+    shutil.copytree(digits_run, old, ignore=shutil.ignore_patterns("eval"))
+    config = json.load(open(old / "config.json"))
+    config["loss"] = {("noise_prior" if k == "noise" else k): v for k, v in config["loss"].items()}
+    (old / "config.json").write_text(json.dumps(config))
+    for path in (old / "checkpoints").glob(f"*/{checkpoint_metadata.FILENAME}"):
+        metadata = json.load(open(path))
+        metadata = {("class_prior" if k == "noise_probs" else k): v for k, v in metadata.items()}
+        metadata.update(version=1, config=config)
+        path.write_text(json.dumps(metadata))
+    metrics_json = json.load(open(old / "metrics.json"))
+    metrics_json["temperature"] = metrics_json.pop("t_star")
+    (old / "metrics.json").write_text(json.dumps(metrics_json))
+    clf, now = inference.load(str(old)), inference.load(str(digits_run))
+    assert clf.metadata["version"] == 1 and "class_prior" not in clf.metadata
+    np.testing.assert_array_equal(clf.noise_probs, now.noise_probs)
+    assert clf.metadata["config"]["loss"]["noise"] == now.metadata["config"]["loss"]["noise"]
+    x_test = load_digits_split()[2]
+    np.testing.assert_array_equal(clf.predict_proba(x_test), now.predict_proba(x_test))
+    assert checkpoint_metadata.read_run_config(old).loss.noise == "class_prior"
+    metrics, _ = evaluate.evaluate_checkpoint(str(old), log=_quiet)
+    _assert_same_metrics(metrics, json.load(open(digits_run / "metrics.json")), rel=1e-6)
+
+
 def test_export_cli_digits_runs_with_jax_only(digits_run, tmp_path, cli_env):
     out = tmp_path / "export"
     proc = subprocess.run([sys.executable, "-m", "softnce.export", f"--workdir={digits_run}", f"--out={out}"],
@@ -280,8 +307,8 @@ def test_vit_export_matches_the_in_process_model(tmp_path):
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
     spec = SPECS["imagenet2012"]
     metadata = {
-        "version": 1, "step": 0, "num_classes": 10, "class_names": [f"class{c}" for c in range(10)],
-        "class_prior": [0.1] * 10, "temperature": 1.0, "t_star": 0.7, "config": {},
+        "version": 2, "step": 0, "num_classes": 10, "class_names": [f"class{c}" for c in range(10)],
+        "noise_probs": [0.1] * 10, "temperature": 1.0, "t_star": 0.7, "config": {},
         "input": {"shape": [32, 32, 3], "dtype": "uint8",
                   "transform": checkpoint_metadata.transform_spec(EvalTransform(spec.mean, spec.std))},
     }

@@ -35,7 +35,7 @@ def vit_config(data_dir, **init):
     config.num_train_steps = 2
     config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 1
     config.data.update(dict(data_dir=str(data_dir), image_size=32, eval_batch_size=8, randaugment=""))
-    config.loss.noise_prior = "uniform"  # the tiny data leave 197 of the 200 classes empty
+    config.loss.noise = "uniform"  # the tiny data leave 197 of the 200 classes empty
     config.model.dtype = "float32"
     config.optim.update(dict(warmup_steps=1, base_lr=0.05))
     for key, value in init.items():

@@ -69,7 +69,7 @@ class Dataset(abc.ABC):
         """Per-class sums ``[C]`` of the soft targets given with the whole training split, or ``None``.
 
         A dataset whose training batches carry ``targets [B, C]`` (annotator vote distributions,
-        another model's labels) returns them; the trainer's ``noise_prior='target_mean'`` is their
+        another model's labels) returns them; the trainer's ``noise='target_mean'`` is their
         mean. ``None`` (the default): the data bring no soft targets.
         """
         return None

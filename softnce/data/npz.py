@@ -20,8 +20,8 @@ distributions as in CIFAR-10H, or another model's predictions). Write one with::
 
 Soft targets are checked before training (:func:`softnce.data.arrays.check_targets`: the first row
 that is not a distribution is named, with its file). Training batches then carry them and the
-trainer smooths and mixes them as ``config.augment`` says (:mod:`softnce.targets`); the noise prior
-of the InfoNCE losses may be their mean (``config.loss.noise_prior = 'target_mean'``).
+trainer smooths and mixes them as ``config.augment`` says (:mod:`softnce.targets`); the noise distribution
+of the InfoNCE losses may be their mean (``config.loss.noise = 'target_mean'``).
 """
 
 from __future__ import annotations

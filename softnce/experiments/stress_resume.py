@@ -32,7 +32,7 @@ def make_config(data_dir: str, steps: int, host_threads: int):
     config.log_every_steps = config.checkpoint_every_steps = 1
     config.eval_every_steps = steps
     config.data.update(dict(data_dir=data_dir, image_size=32, eval_batch_size=8, host_threads=host_threads))
-    config.loss.noise_prior = "uniform"
+    config.loss.noise = "uniform"
     config.model.dtype = "float32"
     config.optim.update(dict(warmup_steps=1, base_lr=0.01))
     return config

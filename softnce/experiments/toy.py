@@ -54,11 +54,11 @@ from softnce.experiments import cli, vmapped
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """A row of the results: a registered ``loss`` with a noise prior, on hard or soft labels."""
+    """A row of the results: a registered ``loss`` with a noise distribution, on hard or soft labels."""
 
     name: str
     loss: str
-    noise_prior: str = "class_prior"
+    noise: str = "class_prior"
     hard_labels: bool = False
     priors: tuple[str, ...] = tuple(toy.PRIORS)
 
@@ -69,7 +69,7 @@ METHODS = (
     Method("soft_target_cross_entropy", "soft_target_cross_entropy"),
     Method("soft_target_infonce", "soft_target_infonce"),
     Method("soft_distribution_infonce", "soft_distribution_infonce"),
-    Method("soft_target_infonce_uniform", "soft_target_infonce", noise_prior="uniform", priors=("imbalanced",)),
+    Method("soft_target_infonce_uniform", "soft_target_infonce", noise="uniform", priors=("imbalanced",)),
 )
 
 
@@ -109,7 +109,7 @@ def method_by_name(name: str) -> Method:
 def make_config(settings: Settings, method: Method, prior: str, m=10, seed: int = 0):
     """``configs/toy.py`` for one run, with the sizes of ``settings``."""
     arg = (f"prior={prior},annotators={toy.annotators_name(m)},loss={method.loss},"
-           f"noise_prior={method.noise_prior},seed={seed}")
+           f"noise={method.noise},seed={seed}")
     config = toy_config.get_config(arg + (f",steps={settings.steps}" if settings.steps else ""))
     for field in ("num_train", "num_val", "num_test"):
         if getattr(settings, field):
@@ -136,7 +136,7 @@ def stack_runs(config, method: Method, datas: Sequence[toy.ToyData], annotators:
     """Training arrays ``[R, ...]`` and ``log(eta)`` ``[R, K]`` for runs ``(m, seed)`` (``m`` major).
 
     Each run's dataset is :func:`softnce.data.toy.to_array_dataset` (what ``softnce.main`` trains
-    on) and its ``log(eta)`` is :func:`softnce.assembly.noise_prior` (zeros where it is ``None``).
+    on) and its ``log(eta)`` is :func:`softnce.assembly.log_noise_probs` (zeros where it is ``None``).
     """
     data = {"inputs": [], "label": [], "targets": []}
     log_etas = []
@@ -146,7 +146,7 @@ def stack_runs(config, method: Method, datas: Sequence[toy.ToyData], annotators:
             data["inputs"].append(dataset.train_inputs)
             data["label"].append(dataset.train_labels)
             data["targets"].append(dataset.train_targets)
-            log_eta = assembly.noise_prior(config, dataset)
+            log_eta = assembly.log_noise_probs(config, dataset)
             log_etas.append(np.zeros(toy.NUM_CLASSES, np.float32) if log_eta is None else np.asarray(log_eta))
     return {k: np.stack(v) for k, v in data.items()}, np.stack(log_etas)
 
