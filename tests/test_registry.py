@@ -119,3 +119,11 @@ def test_a_user_dataset_with_given_soft_targets_trains_with_mixup(tmp_path, user
     expected = lam * batch["targets"] + (1 - lam) * batch["targets"][::-1]
     np.testing.assert_allclose(made.dense, expected, rtol=1e-4, atol=1e-5)
     assert 0 < lam < 1 and not np.allclose(made.dense, np.eye(4)[batch["label"]])
+
+
+def test_the_configs_hard_label_baselines_are_losses_that_read_only_labels():
+    """configs/base.py trains its hard-label baselines on one_hot(labels): each must be registered as such."""
+    from softnce.configs import base
+
+    assert base.HARD_LABEL_LOSSES
+    assert all(losses.get_loss(name).reads_labels_only for name in base.HARD_LABEL_LOSSES)
