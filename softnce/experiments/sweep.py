@@ -386,7 +386,8 @@ def sweep_table(result: dict) -> str:
     footer = f"\n\n{len(seeds)} seed(s) {seeds}" + (f"; rule: {rule}" if rule else "")
     if result["widened"]:
         footer += "; widened: " + ", ".join(f"{w['group']} {w['field']} {w['value']:g}" for w in result["widened"])
-    footer += f"; {result['trained']} runs trained in {format_seconds(result['wall_seconds'])}."
+    runs = sum(len(group["metrics"]) for group in result["results"].values())
+    footer += f"; {runs} runs, {format_seconds(result['run_seconds'])} of training summed over them."
     return "\n".join(lines) + footer
 
 
