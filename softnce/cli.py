@@ -1,19 +1,19 @@
-"""Shared command-line plumbing: one-line start-up errors and ``--config.<path>=<value>`` overrides.
+"""The command-line convention of every entry point: argparse, one-line errors and ``--config.<path>=<value>``.
 
-Every entry point (``softnce.main``, ``softnce.evaluate``, ``softnce.export``, data preparation and the
-experiments: :class:`ArgumentParser`) reports a command line it cannot run as exactly one line on
-stderr, ``softnce: error: <message>``, and exits with code 2 (:func:`fail`). The checks here need no jax
-and no data library, so such an error comes before they are imported (in well under 2 s) and before any
-of their start-up log lines.
+Every entry point (``softnce.main``, ``softnce.evaluate``, ``softnce.export``, data preparation, the
+experiments and benchmarks) parses its flags with :class:`ArgumentParser`: ``--help`` in one format,
+flags as ``--name=value`` or ``--name value``, and a command line it cannot run reported as exactly one
+line on stderr, ``softnce: error: <message>``, with exit code 2 (:func:`fail`). The checks here need no
+jax and no data library, so such an error comes before they are imported (in well under 2 s) and before
+any of their start-up log lines.
 
-- :func:`absl_flags_parser` is the ``flags_parser`` of ``absl.app.run`` for ``softnce.main``: a
-  config file that does not exist (with the nearest file name as a suggestion), a bad variant key
-  (``configs/digits.py:los=nll``), an override of a field the config does not have (with
-  ml_collections' "did you mean" suggestion), a value that does not parse, or any other flag error.
-  The loss's and the model's fields may be new (:data:`COMPONENT_SECTIONS`); whether the named
-  component takes them is checked with the rest of the config (:mod:`softnce.config_checks`).
-- :func:`apply_overrides` applies ``--config.<path>=<value>`` arguments to a config read from a
-  run's ``config.json`` (``softnce.evaluate``), with the same kind of errors and suggestions.
+- :func:`config_from_command_line` reads ``softnce.main``'s ``--config=<file>[:<variant>]`` (the
+  ml_collections config-file convention: the file's ``get_config(variant)``) and applies its
+  ``--config.<path>=<value>`` overrides: a config file that does not exist (with the nearest file name as a
+  suggestion), a bad variant key (``configs/digits.py:los=nll``), an override of a field the config does
+  not have (with the nearest field name), or a value that does not parse as the field's type.
+- :func:`apply_overrides` applies the same overrides to a config read from a run's ``config.json``
+  (``softnce.evaluate``), and :func:`split_overrides` separates them from the other flags.
 """
 
 from __future__ import annotations
@@ -54,19 +54,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # --------------------------------------------------------------------------------------------------
-# softnce.main: the absl flags, parsed with one-line errors.
+# The config of a run: a config file and its --config.<path> overrides.
 # --------------------------------------------------------------------------------------------------
-
-
-def config_flag_value(argv: Sequence[str], name: str = "config") -> str | None:
-    """The value of ``--<name>`` in ``argv`` (``--config=X`` or ``--config X``), or ``None``."""
-    for i, arg in enumerate(argv):
-        match = re.match(rf"^--?{name}(=(.*))?$", arg)
-        if match:
-            if match.group(1) is not None:
-                return match.group(2)
-            return argv[i + 1] if i + 1 < len(argv) else None
-    return None
 
 
 def check_config_file(spec: str) -> None:
@@ -90,116 +79,66 @@ def check_config_file(spec: str) -> None:
     raise UsageError(message + ".")
 
 
-def _did_you_mean(text: str) -> tuple[str | None, str | None]:
-    """``(missing key, suggestion)`` from an ml_collections KeyError/AttributeError message."""
-    match = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
-    if match:
-        return match.group(2), match.group(1)
-    match = re.match(r"""^\W*([A-Za-z_][\w]*)\W*""", text)
-    return (match.group(1) if match else None), None
-
-
-def _override_args(argv: Sequence[str], name: str = "config") -> list[str]:
-    return [a.split("=", 1)[0].lstrip("-") for a in argv if re.match(rf"^--?(no)?{name}\.", a)]
-
-
-def override_typo_message(error: BaseException, argv: Sequence[str], name: str = "config") -> str:
-    """A one-line message for a ``--config.<path>`` override naming a field the config lacks."""
-    text = error.args[0] if error.args else str(error)
-    key, suggestion = _did_you_mean(str(text))
-    flag = None
-    for override in _override_args(argv, name):
-        if key is not None and key in override.split(".")[1:]:
-            flag = override
-            break
-    where = f"--{flag}" if flag else f"a --{name}.<field> override"
-    message = f"{where}: the config has no field {key!r}" if key else f"{where}: {one_line(text)}"
-    return message + (f"; did you mean {suggestion!r}?" if suggestion else ".")
-
-
-def _config_parse_error(text: str) -> str:
-    """The last line of ml_collections' 'Error whilst parsing config file' traceback, without the class."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    last = lines[-1] if lines else text
-    return re.sub(r"^(\w+\.)*\w*(Error|Exception): ", "", last)
-
-
 COMPONENT_SECTIONS = ("loss", "model")
 """The config sections whose fields are the named component's (:mod:`softnce.config_checks`): a
 ``--config.<section>.<field>`` override may add a field that the config file does not have."""
 
-
-def split_component_overrides(argv: Sequence[str], name: str = "config") -> tuple[list[str], list[str]]:
-    """``(the --config.<section>.* arguments of the COMPONENT_SECTIONS (with a separate value), the rest)``."""
-    pattern = rf"^--?{name}\.({'|'.join(COMPONENT_SECTIONS)})\.[\w.]+(=.*)?$"
-    component, rest = [], []
-    i = 0
-    while i < len(argv):
-        match = re.match(pattern, argv[i], re.S)
-        target = component if match else rest
-        target.append(argv[i])
-        if match and match.group(2) is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            target.append(argv[i + 1])
-            i += 1
-        i += 1
-    return component, rest
+CONFIG_HELP = ("A config file and its variant, e.g. configs/digits.py:loss=nll,seed=1 (the part after ':' "
+               "is passed to the file's get_config).")
+OVERRIDES_HELP = ("Any --config.<field>=<value> (or --config.<field> <value>) overrides that config field, e.g. "
+                  "--config.data.batch_size=64 --config.loss.temperature=2; the value is read as the field's type. "
+                  "Once the loss or the model is named, its own fields are config fields too: "
+                  "--config.loss.name=my_focal --config.loss.gamma=1.5.")
 
 
-def absl_flags_parser(argv: Sequence[str]) -> list[str]:
-    """``flags_parser`` for ``absl.app.run``: parses ``argv`` into ``absl.flags.FLAGS``; any error is one line.
+def load_config_file(spec: str) -> Any:
+    """The ``ConfigDict`` of ``--config=<path>[:<variant>]``, read by ml_collections' ``config_flags`` (the
+    file's ``get_config(variant)``, ``get_config()`` without a variant), unlocked.
 
-    Checks the ``--config`` file exists before ml_collections loads it (its own error would only
-    surface when the config is first read, after jax is imported). The overrides of the loss's and
-    the model's fields (:data:`COMPONENT_SECTIONS`) are applied after the others, in order, by
-    :func:`apply_overrides`, which may add a field: ``--config.loss.name=focal --config.loss.gamma=1.5``
-    sets a field of the loss that the config file does not have (whether the named loss takes it is
-    checked with the config, once ``--import_modules`` are imported).
+    A missing file (with the nearest file name as a suggestion), a bad variant key, or a file that fails to
+    run raise :class:`UsageError`, before anything heavy is imported.
     """
     from absl import flags
+    from ml_collections import config_flags
 
-    argv = list(argv)
-    spec = config_flag_value(argv[1:])
-    component, rest = split_component_overrides(argv[1:])
+    check_config_file(spec)
+    holder = flags.FlagValues()  # a private set of flags: only the file is read here, not sys.argv
+    argv = [PROG, f"--config={spec}"]
+    flag = config_flags.DEFINE_config_file("config", None, flag_values=holder, lock_config=False, sys_argv=argv)
     try:
-        if spec is not None:
-            check_config_file(spec)
-        saved_argv, sys.argv = sys.argv, [argv[0], *rest]  # config_flags defines its override flags from sys.argv
-        try:
-            remaining = flags.FLAGS([argv[0], *rest])
-        finally:
-            sys.argv = saved_argv
-        if component:
-            overrides, _ = split_overrides(component)
-            config = flags.FLAGS["config"].value
-            with config.unlocked():
-                apply_overrides(config, overrides, new_fields_in=COMPONENT_SECTIONS)
-        return remaining
-    except UsageError as error:
-        fail(error)
+        holder(argv)
+        config = flag.value
+        is_config = hasattr(config, "unlocked")  # a file that failed to load raises its OSError here
     except flags.Error as error:
         text = str(error)
-        if "Error whilst parsing config file" in text:
-            fail(f"--config={spec}: {_config_parse_error(text)}")
-        fail(text.splitlines()[0] if "Traceback" in text else text)
-    except (KeyError, AttributeError) as error:  # ml_collections: an override of a field that does not exist
-        fail(override_typo_message(error, argv))
-    except (ValueError, TypeError, OSError, SyntaxError, ImportError) as error:
-        text = str(error)
-        if "Error whilst parsing config file" in text:
-            text = _config_parse_error(text)
-        fail(f"--config={spec}: {type(error).__name__}: {text}" if spec else text)
+        raise UsageError(f"--config={spec}: {_last_line_of_traceback(text) if 'Traceback' in text else text}") from None
+    except Exception as error:  # noqa: BLE001  (a config file that does not run: its error, on one line)
+        raise UsageError(f"--config={spec}: {type(error).__name__}: {error}") from None
+    if not is_config:
+        raise UsageError(f"--config={spec}: get_config() returned {type(config).__name__}, not a ConfigDict.")
+    return config
 
 
-def config_value(flag_holder: Any, spec: str | None) -> Any:
-    """``flag_holder.value`` (a ``config_flags`` config); a config that failed to load is one line."""
-    try:
-        return flag_holder.value
-    except OSError as error:
-        fail(f"--config={spec}: {error}")
+def _last_line_of_traceback(text: str) -> str:
+    """The last line of the traceback ml_collections puts in its error, without the exception's class."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return re.sub(r"^(\w+\.)*\w*(Error|Exception): ", "", lines[-1] if lines else text)
+
+
+def config_from_command_line(spec: str, overrides: dict[str, str]) -> Any:
+    """The run's config: the file ``spec`` (:func:`load_config_file`) with the ``--config.<path>`` overrides
+    applied in their order (:func:`apply_overrides`; the loss's and the model's sections,
+    :data:`COMPONENT_SECTIONS`, may gain fields: whether the named component takes them is checked with the
+    rest of the config, :mod:`softnce.config_checks`), then locked: no field is added after this."""
+    config = load_config_file(spec)
+    with config.unlocked():
+        apply_overrides(config, overrides, new_fields_in=COMPONENT_SECTIONS)
+    config.lock()
+    return config
 
 
 # --------------------------------------------------------------------------------------------------
-# Overrides of a config read back from config.json (softnce.evaluate).
+# Overrides: of a config file (softnce.main) or of a config read back from config.json (softnce.evaluate).
 # --------------------------------------------------------------------------------------------------
 
 

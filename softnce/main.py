@@ -5,6 +5,7 @@ without auto-detection, pass ``--coordinator_address``, ``--num_processes`` and 
 Cloud TPU pods, SLURM and Open MPI are detected automatically. ``--import_modules=my_module`` imports
 a module of the user's first, so the config may name the losses, models and datasets it registers
 (``softnce.losses.register_loss``, ``softnce.models.register_model``, ``softnce.data.register_dataset``).
+The flags follow the convention of every entry point (:mod:`softnce.cli`).
 """
 
 from __future__ import annotations
@@ -19,52 +20,48 @@ from softnce import _extras  # noqa: E402
 if _extras.MISSING_TRAIN:
     raise _extras.missing_extra("train", __name__)
 
-import os
-import sys
+import argparse  # noqa: E402
+import os  # noqa: E402
+from typing import Any, Optional, Sequence  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ start-up logging (jaxlib reads this variable)
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
 from softnce import cli  # noqa: E402  (no jax)
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/digits.py:loss=nll.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process only).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process only).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process only).")
-_IMPORTS = flags.DEFINE_list(
-    "import_modules", [], "Modules to import first, e.g. ones that register losses, models or datasets."
-)
-_NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None, "Simulate this many CPU devices (testing).")
-flags.mark_flags_as_required(["config", "workdir"])
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, Any]:
+    """``(the flags, the run's locked config)`` of the command line; a bad one is one line (exit 2), before jax."""
+    import sys
 
-@flags.multi_flags_validator(
-    ["coordinator_address", "num_processes", "process_id"],
-    message="--coordinator_address, --num_processes and --process_id go together (see --helpfull).",
-)
-def _check_multiprocess_flags(values) -> bool:
-    if all(value is None for value in values.values()):
-        return True  # the usual single process: no need to import jax (softnce.distributed) here
-    from softnce.distributed import check_initialize_args
-
+    parser = cli.ArgumentParser(prog="python -m softnce.main", description="Trains, evaluates and checkpoints "
+                                "one run of a config (softnce.main).", epilog=cli.OVERRIDES_HELP)
+    parser.add_argument("--config", required=True, help=cli.CONFIG_HELP)
+    parser.add_argument("--workdir", required=True, help="directory for checkpoints, logs and results")
+    parser.add_argument("--import_modules", type=lambda text: [m for m in text.split(",") if m], default=[],
+                        help="comma-separated modules to import first, e.g. ones that register losses, models "
+                             "or datasets")
+    parser.add_argument("--coordinator_address", help="host:port of process 0 (multi-process only)")
+    parser.add_argument("--num_processes", type=int, help="number of processes (multi-process only)")
+    parser.add_argument("--process_id", type=int, help="this process's index (multi-process only)")
+    parser.add_argument("--num_cpu_devices", type=int, help="simulate this many CPU devices (testing)")
     try:
-        check_initialize_args(values["coordinator_address"], values["num_processes"], values["process_id"])
-    except ValueError as error:
-        raise flags.ValidationError(str(error)) from None
-    return True
+        raw_overrides, rest = cli.split_overrides(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(rest)
+        config = cli.config_from_command_line(args.config, raw_overrides)
+        multiprocess = (args.coordinator_address, args.num_processes, args.process_id)
+        if any(value is not None for value in multiprocess):  # the usual single process needs no jax here
+            from softnce.distributed import check_initialize_args
+
+            check_initialize_args(*multiprocess)
+    except (cli.UsageError, ValueError) as error:
+        cli.fail(error)
+    return args, config
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags look like --name=value).")
+def main(argv: Optional[Sequence[str]] = None) -> None:
     # Everything that can be checked without jax is checked first, so a bad command
     # line is one line on stderr (exit 2) before any of their start-up log lines.
-    config = cli.config_value(_CONFIG, cli.config_flag_value(sys.argv[1:]))
+    args, config = parse_args(argv)
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # progress lines are printed; keep library INFO logs out
@@ -73,9 +70,9 @@ def main(argv) -> None:
     failures.quiet_background_errors()  # a failure is one line of ours, not library threads' tracebacks
     import jax
 
-    if _NUM_CPU_DEVICES.value:
-        jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
-        if _COORDINATOR.value:
+    if args.num_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
+        if args.coordinator_address:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
     import importlib
@@ -85,13 +82,13 @@ def main(argv) -> None:
     from softnce.config_checks import ConfigError
     from softnce.data.base import DataError, DataNotPreparedError
 
-    for module in _IMPORTS.value:
+    for module in args.import_modules:
         importlib.import_module(module)  # e.g. a module of the user's that calls losses.register_loss
     try:
         assembly.validate_config(config)  # names and numbers: before any data is read
     except ConfigError as error:
         cli.fail(error)
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     try:
         mesh = distributed.make_mesh()
         distributed.check_batch_size(config.data.batch_size, mesh)
@@ -101,7 +98,7 @@ def main(argv) -> None:
 
     failures.watch_for_failures()  # several processes: one that fails stops all (softnce.failures)
     try:
-        train.train_and_evaluate(config, _WORKDIR.value)
+        train.train_and_evaluate(config, args.workdir)
     except (ConfigError, DataError, DataNotPreparedError) as error:  # bad config or data
         failures.exit_run(cli.one_line(error), cli.EXIT_USAGE)
     except (failures.RunFailure, FloatingPointError, CheckpointError) as error:  # disk, processes, loss, checkpoint
@@ -112,4 +109,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.absl_flags_parser)
+    main()

@@ -53,11 +53,12 @@ MAIN_BEFORE_JAX = [
     (["--config=configs/digts.py"], "did you mean 'configs/digits.py'"),
     (["--config=configs/digits.py:los=nll"], "unknown config argument 'los'; valid keys: loss, seed"),
     (["--config=configs/digits.py:loss"], "must look like key=value"),
-    (["--config=configs/digits.py", "--config.modle.name=mlp"], "--config.modle.name: the config has no field 'modle'; "
+    (["--config=configs/digits.py", "--config.modle.name=mlp"], "--config.modle.name: config has no field 'modle'; "
                                                                  "did you mean 'model'?"),
-    (["--config=configs/digits.py", "--config.seed=1.5"], "--config.seed=1.5: invalid literal for int()"),
-    (["--config=configs/digits.py", "--nope=1"], "Unknown command line flag 'nope'"),
-    (["--config=configs/digits.py", "extra"], "unexpected arguments: extra"),
+    (["--config=configs/digits.py", "--config.seed=1.5"], "--config.seed=1.5: expected an integer."),
+    (["--config=configs/digits.py", "--config.seed"], "--config.seed needs a value"),
+    (["--config=configs/digits.py", "--nope=1"], "unrecognized arguments: --nope=1"),
+    (["--config=configs/digits.py", "extra"], "unrecognized arguments: extra"),
 ]
 
 
@@ -79,6 +80,7 @@ def test_main_command_line_errors_come_before_jax(args, message, tmp_path, cli_e
      "dropout_rate, hidden_sizes, name."),
     (["--config.optim.base_lr=-1"], "config.optim.base_lr = -1.0 is out of range"),
     (["--config.data.batch_size=60", "--num_cpu_devices=8"], "batch_size=60 does not divide over the 8 devices"),
+    (["--num_processes=2"], "missing --coordinator_address, --process_id"),
 ])
 def test_main_config_value_errors_come_before_any_data_library(args, message, tmp_path, cli_env):
     workdir = tmp_path / "w"
@@ -129,6 +131,9 @@ def test_evaluate_and_export_of_a_missing_run_are_one_line(tmp_path, cli_env):
     ("softnce.experiments.many_class", ["--config.data.batch_size"], "--config.data.batch_size needs a value"),
     ("softnce.experiments.baselines", ["--quick", "--out"], "argument --out: expected one argument"),
     ("softnce.experiments.toy", ["--setting=huge"], "argument --setting: invalid choice: 'huge'"),
+    ("softnce.experiments.fair_comparison", ["--quick", "--setting=long"], "--quick is --setting quick"),
+    ("softnce.experiments.many_class", ["--data_dir=/nonexistent/softnce-data"], "'fashion_mnist' is not prepared"),
+    ("softnce.experiments.baselines", ["--comparison=none.json"], "none.json does not exist; run experiments/fair"),
     ("softnce.data.fashion_mnist", ["--bogus"], "unrecognized arguments: --bogus"),
     ("softnce.export", ["--workdir=x"], "the following arguments are required: --out"),
 ])

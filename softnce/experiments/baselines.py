@@ -36,14 +36,14 @@ Protocol, every run through the resumable sweep runner, in ``--out``:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import time
 from typing import Any, Callable, Optional
 
-from softnce import cli
-from softnce.experiments import comparison, fair_comparison, sweep
+from softnce.experiments import cli, comparison, fair_comparison, sweep
 
 # group -> (registered loss, fixed config fields, (the field tuned after the learning rate, its grid, widening factor))
 GROUPS: dict[str, tuple[str, tuple[tuple[str, Any], ...], Optional[tuple[str, tuple[float, ...], float]]]] = {
@@ -255,32 +255,27 @@ def run(setting: Setting, *, out: str, comparison_summary: dict, data_dir: Optio
     return summary
 
 
+def _existing_summary(path: str) -> str:
+    if not os.path.exists(path):
+        raise argparse.ArgumentTypeError(f"{path} does not exist; run experiments/fair_comparison.py first.")
+    return path
+
+
 def main(argv=None) -> dict:
-    """The command line (``experiments/baselines.py``)."""
-    from absl import logging
+    """The command line (``experiments/baselines.py``; :func:`softnce.experiments.cli.parse_protocol`)."""
+    def add_arguments(parser):
+        parser.add_argument("--comparison", default=DEFAULT_COMPARISON, type=_existing_summary,
+                            help="the fair comparison's summary.json (its selection points and test values)")
 
-    parser = cli.ArgumentParser(description="Strong baselines and attribution in the fair comparison's regime, "
-                                     "each loss chosen by validation top-1 and NLL (softnce.experiments.baselines).",
-                                     epilog=comparison.OVERRIDES_HELP)
-    parser.add_argument("--quick", action="store_true", help="the whole pipeline in 1-2 minutes (a check)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/baselines[_quick])")
-    parser.add_argument("--comparison", default=DEFAULT_COMPARISON,
-                        help="the fair comparison's summary.json (its selection points and test values)")
-    parser.add_argument("--data_dir", default=None, help="tfds data directory (default ~/tensorflow_datasets)")
-    overrides, rest = comparison.config_overrides(argv)
-    args = parser.parse_args(rest)
-    logging.set_verbosity(logging.WARNING)
-    from softnce.data import fashion_mnist
-
-    fashion_mnist.load_split(args.data_dir, "train")  # an unprepared data_dir fails here, before any training
-    if not os.path.exists(args.comparison):
-        parser.error(f"--comparison {args.comparison} does not exist; run experiments/fair_comparison.py first.")
-    with open(args.comparison) as f:
+    protocol = cli.parse_protocol(
+        argv, description="Strong baselines and attribution in the fair comparison's regime, each loss chosen by "
+                          "validation top-1 and NLL (softnce.experiments.baselines).",
+        settings=SETTINGS, out="runs/baselines", add_arguments=add_arguments, config_overrides=True,
+        fashion_mnist=True)
+    with open(protocol.args.comparison) as f:
         comparison_summary = json.load(f)
-    setting = SETTINGS["quick" if args.quick else "full"]
-    out = args.out or ("runs/baselines_quick" if args.quick else "runs/baselines")
-    return run(setting, out=out, comparison_summary=comparison_summary, data_dir=args.data_dir,
-               overrides=overrides)
+    return run(protocol.setting, out=protocol.out, comparison_summary=comparison_summary,
+               data_dir=protocol.data_dir, overrides=protocol.overrides)
 
 
 if __name__ == "__main__":

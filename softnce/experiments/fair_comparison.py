@@ -52,8 +52,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from softnce import cli
-from softnce.experiments import comparison, sweep
+from softnce.experiments import cli, comparison, sweep
 
 TODAY_LR = 2e-3  # configs/base.py's optim.base_lr: the one learning rate of the earlier tables
 TEMPERATURE_LOSSES = ("soft_target_infonce", "infonce")  # the losses with the reference's --t
@@ -346,31 +345,21 @@ def report_markdown(summary: dict, selection_table: str, final_tables: str) -> s
 
 
 def main(argv=None) -> dict:
-    """The command line (``experiments/fair_comparison.py``)."""
-    from absl import logging
+    """The command line (``experiments/fair_comparison.py``; :func:`softnce.experiments.cli.parse_protocol`):
+    ``--setting`` full (default), long (all data, 10,000 steps, the equivalence test) or quick."""
+    def add_arguments(parser):
+        parser.add_argument("--losses", default=None,
+                            help="comma-separated registered loss names (default: the setting's)")
 
-    parser = cli.ArgumentParser(description="Every loss tuned on validation in a regime where soft targets pay "
-                                     "off, then compared on the test split (softnce.experiments.fair_comparison).",
-                                     epilog=comparison.OVERRIDES_HELP)
-    parser.add_argument("--quick", action="store_true", help="the whole pipeline in about 2 minutes (a check)")
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default=None,
-                        help="full (default), long (all data, 10,000 steps, the equivalence test) or quick (= --quick)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/fair_comparison[_<setting>])")
-    parser.add_argument("--losses", default=None, help="comma-separated registered loss names (default: the setting's)")
-    parser.add_argument("--data_dir", default=None, help="tfds data directory (default ~/tensorflow_datasets)")
-    overrides, rest = comparison.config_overrides(argv)
-    args = parser.parse_args(rest)
-    logging.set_verbosity(logging.WARNING)
-    from softnce.data import fashion_mnist
-
-    fashion_mnist.load_split(args.data_dir, "train")  # an unprepared data_dir fails here, before any training
-    if args.quick and args.setting not in (None, "quick"):
-        parser.error(f"--quick is --setting quick; it does not go with --setting {args.setting}.")
-    name = "quick" if args.quick else (args.setting or "full")
-    setting = SETTINGS[name]
-    out = args.out or ("runs/fair_comparison" if name == "full" else f"runs/fair_comparison_{name}")
-    losses = [loss for loss in args.losses.split(",") if loss] if args.losses else list(setting.losses)
-    return run(setting, out=out, losses=losses, data_dir=args.data_dir, overrides=overrides)
+    protocol = cli.parse_protocol(
+        argv, description="Every loss tuned on validation in a regime where soft targets pay off, then compared on "
+                          "the test split (softnce.experiments.fair_comparison).",
+        settings=SETTINGS, out="runs/fair_comparison", add_arguments=add_arguments, config_overrides=True,
+        fashion_mnist=True)
+    given = protocol.args.losses
+    losses = [loss for loss in given.split(",") if loss] if given else list(protocol.setting.losses)
+    return run(protocol.setting, out=protocol.out, losses=losses, data_dir=protocol.data_dir,
+               overrides=protocol.overrides)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from softnce import cli
-from softnce.experiments import comparison, fair_comparison, sweep
+from softnce.experiments import cli, comparison, fair_comparison, sweep
 
 NLL, INFONCE, SOFT_CE, STI = "nll", "infonce", "soft_target_cross_entropy", "soft_target_infonce"
 LOSSES = (NLL, INFONCE, SOFT_CE, STI)
@@ -515,24 +514,12 @@ def plot_differences(summary: dict, path: str) -> str:
 
 
 def main(argv=None) -> dict:
-    """The command line (``experiments/many_class.py``)."""
-    from absl import logging
-
-    parser = cli.ArgumentParser(description="STI against soft-target CE (and InfoNCE against NLL) on "
-                                     "Fashion-MNIST k-tuples as C and M grow (softnce.experiments.many_class).",
-                                     epilog=comparison.OVERRIDES_HELP)
-    parser.add_argument("--quick", action="store_true", help="the whole pipeline in 1-2 minutes (a check)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/many_class[_quick])")
-    parser.add_argument("--data_dir", default=None, help="tfds data directory (default ~/tensorflow_datasets)")
-    overrides, rest = comparison.config_overrides(argv)
-    args = parser.parse_args(rest)
-    logging.set_verbosity(logging.WARNING)
-    from softnce.data import fashion_mnist
-
-    fashion_mnist.load_split(args.data_dir, "train")  # an unprepared data_dir fails here, before any training
-    setting = SETTINGS["quick" if args.quick else "full"]
-    out = args.out or ("runs/many_class_quick" if args.quick else "runs/many_class")
-    return run(setting, out=out, data_dir=args.data_dir, overrides=overrides)
+    """The command line (``experiments/many_class.py``; :func:`softnce.experiments.cli.parse_protocol`)."""
+    protocol = cli.parse_protocol(
+        argv, description="STI against soft-target CE (and InfoNCE against NLL) on Fashion-MNIST k-tuples as C "
+                          "and M grow (softnce.experiments.many_class).",
+        settings=SETTINGS, out="runs/many_class", config_overrides=True, fashion_mnist=True)
+    return run(protocol.setting, out=protocol.out, data_dir=protocol.data_dir, overrides=protocol.overrides)
 
 
 if __name__ == "__main__":

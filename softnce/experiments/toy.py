@@ -437,12 +437,12 @@ def run_experiment(settings: Settings = FULL, out_dir: Optional[str] = None,
 
 
 def main(argv=None) -> None:
-    settings, out = cli.parse_settings(
+    protocol = cli.parse_protocol(
         argv, description=__doc__.split("\n")[0], settings=SETTINGS,
         out_help="run folder (default runs/toy-<timestamp>)",
-        overrides={"seeds": dict(type=int, help="number of seeds (default: the setting's)")},
+        setting_fields={"seeds": dict(type=int, help="number of seeds (default: the setting's)")},
     )
-    run_experiment(settings, out)
+    run_experiment(protocol.setting, protocol.out)
 
 
 if __name__ == "__main__":

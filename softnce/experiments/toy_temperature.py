@@ -552,13 +552,13 @@ def run_study(settings: StudySettings = FULL, out_dir: Optional[str] = None,
 
 
 def main(argv=None) -> None:
-    settings, out = cli.parse_settings(
+    protocol = cli.parse_protocol(
         argv, description=__doc__.split("\n")[0], settings=SETTINGS,
         out_help="run folder (default runs/toy-temperature-<timestamp>)",
-        overrides={"seeds": dict(type=int), "prior": dict(choices=list(toy.PRIORS)),
-                   "lr": dict(choices=("fixed", "scaled"))},
+        setting_fields={"seeds": dict(type=int), "prior": dict(choices=list(toy.PRIORS)),
+                        "lr": dict(choices=("fixed", "scaled"))},
     )
-    run_study(settings, out)
+    run_study(protocol.setting, protocol.out)
 
 
 if __name__ == "__main__":
