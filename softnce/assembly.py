@@ -37,7 +37,7 @@ from softnce import (
     targets,
 )
 from softnce.config_checks import ConfigError
-from softnce.data import DATASETS, get_dataset
+from softnce.data import DATASETS, SHARED_FIELDS as DATA_SHARED_FIELDS, get_dataset
 from softnce.data.base import Dataset
 from softnce.steps import EvalStepFn, LogitsStepFn, TrainState, TrainStepFn, Variables
 
@@ -72,7 +72,7 @@ def config_components(config: ml_collections.ConfigDict) -> list[config_checks.C
     """The registered components that ``config`` names, with the fields they take
     (:class:`softnce.config_checks.Component`): the loss, the dataset, the model and a registered teacher
     model. An unknown name raises :class:`~softnce.config_checks.ConfigError` listing the valid ones."""
-    sections = [("loss", losses.LOSSES, losses.SHARED_FIELDS), ("data", DATASETS, ("name",)),
+    sections = [("loss", losses.LOSSES, losses.SHARED_FIELDS), ("data", DATASETS, DATA_SHARED_FIELDS),
                 ("model", models.MODELS, ("name",))]
     teacher = config.get("distill", {}).get("teacher_model", {})
     if teacher.get("name") is not None:

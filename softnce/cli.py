@@ -128,11 +128,13 @@ def _last_line_of_traceback(text: str) -> str:
 def config_from_command_line(spec: str, overrides: dict[str, str]) -> Any:
     """The run's config: the file ``spec`` (:func:`load_config_file`) with the ``--config.<path>`` overrides
     applied in their order (:func:`apply_overrides`; the loss's and the model's sections,
-    :data:`COMPONENT_SECTIONS`, may gain fields: whether the named component takes them is checked with the
-    rest of the config, :mod:`softnce.config_checks`), then locked: no field is added after this."""
+    :data:`COMPONENT_SECTIONS`, and the data section when ``--config.data.name`` names another dataset, may
+    gain fields: whether the named component takes them is checked with the rest of the config,
+    :mod:`softnce.config_checks`), then locked: no field is added after this."""
     config = load_config_file(spec)
+    sections = (*COMPONENT_SECTIONS, "data") if "data.name" in overrides else COMPONENT_SECTIONS
     with config.unlocked():
-        apply_overrides(config, overrides, new_fields_in=COMPONENT_SECTIONS)
+        apply_overrides(config, overrides, new_fields_in=sections)
     config.lock()
     return config
 

@@ -127,9 +127,23 @@ def test_a_user_dataset_declares_its_numeric_field_where_it_is_registered(user_m
     assert message_of(config) == ("config.data.num_points = 8 is out of range: must be an integer >= 16 "
                                   "(training points drawn).")
     config.data.num_points = 320
-    config.data.num_pionts = 320  # a field no rule or range declares
-    assert message_of(config).startswith("config.data.num_pionts = 320 has no validity rule; declare its range when "
-                                         "registering dataset 'user_blobs'")
+    config.data.num_pionts = 320  # a typo: a field the dataset does not take
+    assert message_of(config) == ("config.data.num_pionts: dataset 'user_blobs' takes no field 'num_pionts' (did you "
+                                  "mean 'num_points'?); its fields: batch_size, eval_batch_size, name, num_points, "
+                                  "validation_fraction, validation_seed.")
+
+
+def test_a_dataset_field_reaches_the_factory_and_the_package_datasets_read_their_sections(user_module):
+    from softnce.data import DATASETS
+
+    assert DATASETS.fields("user_blobs") == {"num_points": 640}
+    assert DATASETS.fields("user_soft_blobs") is None and DATASETS.fields("fashion_mnist_tuples") is None
+    config = small_config(**{"data.name": "user_blobs"})
+    del user_module.CALLS[:]
+    assert get_dataset(config.data).num_train_examples == 640 - 64  # the default
+    config.data.num_points = 200
+    assert get_dataset(config.data).num_train_examples == 200 - 20
+    assert [call["num_points"] for name, call in user_module.CALLS] == [640, 200]
 
 
 MODEL_CASES = [(name, field, value) for name in models.MODELS.names()
@@ -171,6 +185,23 @@ def main_command(tmp_path, *args, devices=2, model="user_mlp"):
     return [sys.executable, "-m", "softnce.main", "--import_modules=user_registrations",
             f"--config={tmp_path / 'user_config.py'}", *args, f"--num_cpu_devices={devices}",
             f"--workdir={tmp_path / 'run'}"]
+
+
+def test_a_user_dataset_is_named_and_its_field_set_on_the_command_line(tmp_path, cli_env, user_module):
+    env = dict(cli_env, PYTHONPATH=os.path.join(REPO, "tests"))
+    cmd = main_command(tmp_path, "--config.data.name=user_blobs", "--config.data.num_points=320",
+                       "--config.model.width=8", "--config.augment.cutmix_alpha=0", devices=2)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    saved = json.load(open(tmp_path / "run" / "config.json"))
+    assert saved["data"]["name"] == "user_blobs" and saved["data"]["num_points"] == 320
+    typo = main_command(tmp_path, "--config.data.name=user_blobs", "--config.data.num_pionts=320", devices=2)
+    proc = subprocess.run(typo, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        "softnce: error: config.data.num_pionts: dataset 'user_blobs' takes no field 'num_pionts' (did you mean "
+        "'num_points'?); its fields: batch_size, eval_batch_size, name, num_points, validation_fraction, "
+        "validation_seed."]
 
 
 @pytest.mark.parametrize("devices", [1, 8])

@@ -89,7 +89,7 @@ def test_a_user_model_and_dataset_train_without_touching_the_package(tmp_path, u
     result = train.train_and_evaluate(config, str(tmp_path))
     built = dict(user_module.CALLS)
     assert built["user_linear"] == {"num_classes": user_module.NUM_CLASSES}
-    assert built["user_blobs"] == {"name": "user_blobs", "process_index": 0, "process_count": 1}
+    assert built["user_blobs"] == {"name": "user_blobs", "process_index": 0, "process_count": 1, "num_points": 640}
     assert np.isfinite(result["nll"]) and result["top1"] > 0.8  # 4 well-separated blobs: chance is 0.25
     with pytest.raises(ValueError, match=r"valid models: .*user_linear"):
         get_model(ml_collections.ConfigDict({"name": "user_linar"}), 4)

@@ -99,12 +99,14 @@ def blobs(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     return means[labels] + rng.normal(size=(n, FEATURES)), labels
 
 
-# A dataset reads its whole config section; its own numeric field (config.data.num_points) has its range here.
+# The factory's keyword-only argument num_points is the dataset's field config.data.num_points (its range
+# declared here); the trainer's fields of the section (validation_fraction, ...) come in config.
 @register_dataset("user_blobs", ranges={"num_points": config_checks.count(16, "training points drawn")})
-def make_blobs_dataset(config, *, process_index: int, process_count: int) -> ArrayDataset:
-    CALLS.append(("user_blobs", dict(name=config.name, process_index=process_index, process_count=process_count)))
+def make_blobs_dataset(config, *, process_index: int, process_count: int, num_points: int = 640) -> ArrayDataset:
+    CALLS.append(("user_blobs", dict(name=config.name, process_index=process_index, process_count=process_count,
+                                     num_points=num_points)))
     rng = np.random.default_rng(0)
-    x, y = blobs(rng, config.get("num_points", 640))
+    x, y = blobs(rng, num_points)
     x_test, y_test = blobs(rng, 160)
     x, y, x_val, y_val = carve_validation(x, y, config.validation_fraction, config.validation_seed)
     return ArrayDataset(
