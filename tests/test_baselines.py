@@ -62,6 +62,11 @@ def test_quick_baselines_end_to_end(prepared, tmp_path):  # noqa: F811
         assert summary["findings"][rule].startswith(f"Chosen by validation {rule}: the lowest test NLL is ")
     report = (out / "report.md").read_text()
     assert "## Chosen by validation top1" in report and "## Chosen by validation nll" in report
+    assert "| nll | base_lr 0.008 | base_lr 0.002 |" in report  # the chosen values under both rules
+    selection_seconds = sum(r["wall_seconds"] for stage in ("selection_lr", "selection_second")
+                            for runs in json.load(open(out / stage / "results.json"))["results"].values()
+                            for r in runs["metrics"])
+    assert summary["run_seconds"] > selection_seconds > 0  # selection and final runs both counted
 
 
 def test_summary_test_values_pair_by_seed():

@@ -104,14 +104,15 @@ def selection_points(*results: dict) -> dict[str, list[dict]]:
     return points
 
 
-def select(setting: Setting, make_config, *, out: str, log) -> dict[str, list[dict]]:
-    """The two selection stages (module docstring); returns every run's point per group."""
+def select(setting: Setting, make_config, *, out: str, log) -> tuple[dict[str, list[dict]], float]:
+    """The two selection stages (module docstring); returns every run's point per group and the seconds of
+    training summed over the runs."""
     regime = setting.regime
     common = dict(seeds=[regime.selection_seed], select=BY_TOP1, validation_every_steps=regime.validation_every_steps,
                   log=log)
     lr_grid = {group: {"optim.base_lr": list(regime.base_lrs)} for group in setting.groups}
     if not setting.groups:
-        return {}
+        return {}, 0.0
     first = sweep.run_sweep(make_config, lr_grid, out=os.path.join(out, "selection_lr"),
                             widen={"optim.base_lr": regime.widen_factor}, max_widenings=regime.max_widenings,
                             title="baselines: learning rate (validation top-1)", **common)
@@ -128,7 +129,7 @@ def select(setting: Setting, make_config, *, out: str, log) -> dict[str, list[di
         results.append(sweep.run_sweep(make_config, second_grid, out=os.path.join(out, "selection_second"), widen=widen,
                                        max_widenings=regime.max_widenings,
                                        title="baselines: second field (validation top-1)", **common))
-    return selection_points(*results)
+    return selection_points(*results), sum(result["run_seconds"] for result in results)
 
 
 def choices(points: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
@@ -189,6 +190,20 @@ def calibration_finding(rows: list[dict], rule: str) -> str:
             "at the validation-fitted t*.")
 
 
+def choices_table(chosen: dict[str, dict[str, dict]]) -> str:
+    """Markdown: each loss's chosen config fields under each rule (``{rule: {group: params}}``)."""
+    def described(params: dict) -> str:
+        return ", ".join(f"{field.split('.')[-1]} {value:g}" if isinstance(value, float) else f"{field} {value}"
+                         for field, value in sorted(params.items())) or "–"
+
+    rules = list(chosen)
+    lines = ["| loss | " + " | ".join(f"chosen by validation {rule}" for rule in rules) + " |",
+             "|---|" + "---|" * len(rules)]
+    for group in chosen[rules[0]]:
+        lines.append(f"| {group} | " + " | ".join(described(chosen[rule][group]) for rule in rules) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Markdown of :func:`rule_table`."""
     def cell(v, scale, digits):
@@ -199,12 +214,13 @@ def markdown_table(rows: list[dict]) -> str:
             return "–"
         return f"{scale * v['mean']:+.{digits}f} [{scale * v['low']:+.{digits}f}, {scale * v['high']:+.{digits}f}]"
 
-    lines = ["| loss | top-1 (%) | NLL | NLL at t* | ECE | ECE at t* | STI minus: top-1 (points) | NLL | NLL at t* |",
+    lines = ["| loss | top-1 (%) | NLL | NLL at t* | ECE (%) | ECE at t* (%) | STI minus: top-1 (points) | NLL | "
+             "NLL at t* |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['loss']} | {cell(r['top1'], 100, 2)} | {cell(r['nll'], 1, 4)} | "
-                     f"{cell(r['nll_calibrated'], 1, 4)} | {cell(r['ece'], 1, 4)} | "
-                     f"{cell(r['ece_calibrated'], 1, 4)} | "
+                     f"{cell(r['nll_calibrated'], 1, 4)} | {cell(r['ece'], 100, 2)} | "
+                     f"{cell(r['ece_calibrated'], 100, 2)} | "
                      f"{diff(r.get('sti_minus_top1'), 100, 2)} | {diff(r.get('sti_minus_nll'), 1, 4)} | "
                      f"{diff(r.get('sti_minus_nll_calibrated'), 1, 4)} |")
     return "\n".join(lines)
@@ -219,7 +235,7 @@ def run(setting: Setting, *, out: str, comparison_summary: dict, data_dir: Optio
     make_config = make_config_fn(setting, data_dir=data_dir, overrides=overrides)
     seeds = setting.regime.seeds
     log(f"baselines: groups {', '.join(setting.groups)} in the fair comparison's regime; seeds {list(seeds)}")
-    points = select(setting, make_config, out=out, log=log)
+    points, selection_seconds = select(setting, make_config, out=out, log=log)
     chosen = choices(points)
     compared = comparison_summary["selection"]["points"]  # the comparison's own losses
     for name, rule in RULES.items():
@@ -240,13 +256,16 @@ def run(setting: Setting, *, out: str, comparison_summary: dict, data_dir: Optio
         "overrides": overrides, "chosen": chosen, "nll_choice_differs": sorted(differs),
         "selection": points, "test": tests, "tables": tables,
         "findings": {rule: calibration_finding(rows, rule) for rule, rows in tables.items()},
-        "run_seconds": sum(r.get("run_seconds", 0.0) for r in (by_top1, by_nll)),
+        "run_seconds": selection_seconds + sum(r.get("run_seconds", 0.0) for r in (by_top1, by_nll)),
         "invocation_seconds": time.time() - start, "complete": True,
     }
     sweep.write_json(os.path.join(out, "summary.json"), summary)
-    lines = ["# Strong baselines and attribution (fair comparison regime)\n"]
+    lines = ["# Strong baselines and attribution (fair comparison regime)\n", "## Chosen values\n",
+             choices_table(chosen), ""]
     for rule in RULES:
         lines += [f"## Chosen by validation {rule}\n", markdown_table(tables[rule]), "", summary["findings"][rule], ""]
+    lines.append(f"Training runs: {sweep.format_seconds(summary['run_seconds'])} summed over the runs of this protocol "
+                 "(kept when it resumes).")
     report = "\n".join(lines)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report)
