@@ -37,7 +37,8 @@ from softnce import (
     targets,
 )
 from softnce.config_checks import ConfigError
-from softnce.data import DATASETS, SHARED_FIELDS as DATA_SHARED_FIELDS, get_dataset
+from softnce.data import DATASETS, get_dataset
+from softnce.data import SHARED_FIELDS as DATA_SHARED_FIELDS
 from softnce.data.base import Dataset
 from softnce.steps import EvalStepFn, LogitsStepFn, TrainState, TrainStepFn, Variables
 

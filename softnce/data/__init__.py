@@ -1,21 +1,22 @@
 """Dataset registry: ``config.data.name`` -> a :class:`~softnce.data.base.Dataset` for this process.
 
-A dataset is registered as a factory ``factory(config.data, *, process_index, process_count, **fields) ->
-Dataset``; its other keyword-only parameters are its config fields, as a model factory's are:
-``def make(config, *, process_index, process_count, noise_level=0.1)`` receives ``config.data.noise_level``
+A dataset is registered as a factory ``factory(config.data, *, process_index, process_count, **fields)
+-> Dataset``; its other keyword-only parameters are its config fields, as a model factory's are: ``def
+make(config, *, process_index, process_count, noise_level=0.1)`` receives ``config.data.noise_level``
 (default 0.1), ``--config.data.noise_level=0.3`` sets it once the dataset is named, a field of
-``config.data`` it does not take (besides :data:`SHARED_FIELDS`) is one line that lists those it takes, and
-``register_dataset(..., ranges={'noise_level': ...})`` declares their valid values. A factory without such
-parameters reads what it needs from ``config.data`` itself (the package's own, :func:`softnce.registry.lazy`
-entries, whose fields' rules are in :data:`softnce.config_checks.RULES`). A user's module adds one with ``register_dataset(name, factory, *, overwrite=False)`` or
+``config.data`` it does not take (besides :data:`SHARED_FIELDS`) is one line that lists those it takes,
+and ``register_dataset(..., ranges={'noise_level': ...})`` declares their valid values. A factory
+without such parameters reads what it needs from ``config.data`` itself (the package's own,
+:func:`softnce.registry.lazy` entries, whose fields' rules are in :data:`softnce.config_checks.RULES`).
+A user's module adds one with ``register_dataset(name, factory, *, overwrite=False)`` or
 ``@register_dataset(name)`` (:meth:`softnce.registry.Registry.register` of :data:`DATASETS`) and is
 imported with ``python -m softnce.main --import_modules=...``. Soft targets given with the data
-(annotator votes, another model's labels) come as ``targets [B, C]`` in the training batches: build
-the dataset as an :class:`~softnce.data.arrays.ArrayDataset` with ``train_targets``, or use the ``npz``
+(annotator votes, another model's labels) come as ``targets [B, C]`` in the training batches: build the
+dataset as an :class:`~softnce.data.arrays.ArrayDataset` with ``train_targets``, or use the ``npz``
 (``.npz`` files, :mod:`softnce.data.npz`) or ``tfds_arrays`` (a tfds soft-label feature,
-:mod:`softnce.data.tfds_arrays`) datasets. The package's own entries are
-:func:`softnce.registry.lazy`, so a dataset's module (tensorflow-datasets for the tfds datasets) is
-imported only when that dataset is built.
+:mod:`softnce.data.tfds_arrays`) datasets. The package's own entries are :func:`softnce.registry.lazy`,
+so a dataset's module (tensorflow-datasets for the tfds datasets) is imported only when that dataset is
+built.
 """
 
 from __future__ import annotations
