@@ -87,7 +87,8 @@ def quiet_background_errors() -> None:
     noise = _BackgroundNoise()
     for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
         handler.addFilter(noise)
-    logging.getLogger("asyncio").addFilter(noise)
+    for name in ("absl", "asyncio"):  # records with no handler yet (Python's last-resort handler) too
+        logging.getLogger(name).addFilter(noise)
     default_unraisable, default_thread_hook = sys.unraisablehook, threading.excepthook
 
     def unraisable(report):
