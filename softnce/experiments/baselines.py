@@ -238,8 +238,9 @@ def run(setting: Setting, *, out: str, comparison_summary: dict, data_dir: Optio
     points, selection_seconds = select(setting, make_config, out=out, log=log)
     chosen = choices(points)
     compared = comparison_summary["selection"]["points"]  # the comparison's own losses
-    for name, rule in RULES.items():
-        chosen[name].update({loss: choose(loss_points, rule) for loss, loss_points in compared.items()})
+    for name, rule in RULES.items():  # a group named as a comparison loss (infonce) chooses from both grids
+        chosen[name].update({loss: choose(points.get(loss, []) + loss_points, rule)
+                             for loss, loss_points in compared.items()})
 
     by_top1 = run_final(make_config, {g: chosen["top1"][g] for g in setting.groups}, seeds,
                         out=os.path.join(out, "final"), title="final: chosen by validation top-1", log=log)
