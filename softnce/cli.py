@@ -24,7 +24,7 @@ import difflib
 import os
 import re
 import sys
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 PROG = "softnce"
 EXIT_USAGE = 2
@@ -51,6 +51,62 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):  # argparse's own prints the usage first
         fail(message)
+
+
+def add_run_flags(parser: argparse.ArgumentParser, import_help: str = "") -> None:
+    """The flags that ``softnce.main`` and ``softnce.evaluate`` share: ``--import_modules`` and the process flags
+    (``--coordinator_address``, ``--num_processes``, ``--process_id``, ``--num_cpu_devices``)."""
+    add_import_modules_flag(parser, import_help)
+    parser.add_argument("--coordinator_address", help="host:port of process 0 (multi-process only)")
+    parser.add_argument("--num_processes", type=int, help="number of processes (multi-process only)")
+    parser.add_argument("--process_id", type=int, help="this process's index (multi-process only)")
+    parser.add_argument("--num_cpu_devices", type=int, help="simulate this many CPU devices (testing)")
+
+
+def add_import_modules_flag(parser: argparse.ArgumentParser, why: str = "") -> None:
+    """``--import_modules``: comma-separated modules to import first (:func:`import_modules`)."""
+    parser.add_argument("--import_modules", default="", help="comma-separated modules to import first, e.g. ones "
+                        "that register losses, models or datasets" + (f" ({why})" if why else ""))
+
+
+def import_modules(names: str) -> None:
+    """Imports each module of ``--import_modules`` (comma-separated), e.g. a user's module whose import calls
+    ``softnce.losses.register_loss``."""
+    import importlib
+
+    for module in filter(None, names.split(",")):
+        importlib.import_module(module)
+
+
+def check_process_args(
+    coordinator_address: Optional[str], num_processes: Optional[int], process_id: Optional[int]
+) -> None:
+    """Raises :class:`UsageError` (a ``ValueError``) unless the explicit multi-process arguments are all given
+    and consistent; needs no jax (``softnce.distributed.initialize`` checks its arguments with it too).
+
+    Either none of them (single process, or auto-detection on TPU pods / SLURM / Open MPI), or all
+    three with ``0 <= process_id < num_processes``.
+    """
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
+    if all(v is None for v in given.values()):
+        return
+    missing = [f"--{name}" for name, value in given.items() if value is None]
+    if missing:
+        raise UsageError(
+            f"multi-process start-up needs --coordinator_address, --num_processes and --process_id together; "
+            f"missing {', '.join(missing)}. Give all three on every process (the same address and count, "
+            "process ids 0..num_processes-1), or none of them to run one process or to let JAX auto-detect "
+            "a Cloud TPU pod, SLURM or Open MPI."
+        )
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise UsageError(
+            f"--process_id={process_id} must be in [0, --num_processes={num_processes}) and num_processes >= 1."
+        )
+
+
+def check_process_flags(args: argparse.Namespace) -> None:
+    """:func:`check_process_args` of the parsed process flags (:func:`add_run_flags`); needs no jax."""
+    check_process_args(args.coordinator_address, args.num_processes, args.process_id)
 
 
 # --------------------------------------------------------------------------------------------------

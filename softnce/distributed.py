@@ -14,36 +14,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from softnce.cli import check_process_args
+
 DATA_AXIS = "data"
 
 # Environment variables that mean "this process is one of several" (Cloud TPU pods are detected by
 # jax itself; SLURM / Open MPI / explicit coordinator variables cover GPU nodes).
 _MULTIPROCESS_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
-
-
-def check_initialize_args(
-    coordinator_address: Optional[str], num_processes: Optional[int], process_id: Optional[int]
-) -> None:
-    """Raises ``ValueError`` unless the explicit multi-process arguments are all given and consistent.
-
-    Either none of them (single process, or auto-detection on TPU pods / SLURM / Open MPI), or all
-    three with ``0 <= process_id < num_processes``.
-    """
-    given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
-    if all(v is None for v in given.values()):
-        return
-    missing = [f"--{name}" for name, value in given.items() if value is None]
-    if missing:
-        raise ValueError(
-            f"multi-process start-up needs --coordinator_address, --num_processes and --process_id together; "
-            f"missing {', '.join(missing)}. Give all three on every process (the same address and count, "
-            "process ids 0..num_processes-1), or none of them to run one process or to let JAX auto-detect "
-            "a Cloud TPU pod, SLURM or Open MPI."
-        )
-    if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise ValueError(
-            f"--process_id={process_id} must be in [0, --num_processes={num_processes}) and num_processes >= 1."
-        )
 
 
 def initialize(
@@ -58,9 +35,9 @@ def initialize(
     environments skips initialisation, so the same entry point runs on a laptop.
 
     Raises:
-      ValueError: only some of the explicit arguments are given (see :func:`check_initialize_args`).
+      ValueError: only some of the explicit arguments are given (see :func:`softnce.cli.check_process_args`).
     """
-    check_initialize_args(coordinator_address, num_processes, process_id)
+    check_process_args(coordinator_address, num_processes, process_id)
     if coordinator_address is not None:
         jax.distributed.initialize(
             coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id

@@ -161,11 +161,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", choices=SPLITS, help="test (the run's eval split) or validation")
     parser.add_argument("--refit_temperature", action="store_true", help="fit t* on the validation split again")
     parser.add_argument("--name", default=None, help="output directory name (default: the split and overrides)")
-    parser.add_argument("--num_cpu_devices", type=int, default=None, help="simulate this many CPU devices (testing)")
-    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-process only)")
-    parser.add_argument("--num_processes", type=int, default=None, help="number of processes (multi-process only)")
-    parser.add_argument("--process_id", type=int, default=None, help="this process's index (multi-process only)")
-    parser.add_argument("--import_modules", default="", help="comma-separated modules to import first")
+    cli.add_run_flags(parser, "a run of a user's loss, model or dataset needs the module that registers it")
     return parser
 
 
@@ -187,9 +183,10 @@ def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, Any]:
         cli.apply_overrides(config, overrides, new_fields_in=("data",) if swapped else ())
     except (FileNotFoundError, cli.UsageError) as error:
         cli.fail(error)
-    given = [args.coordinator_address, args.num_processes, args.process_id]
-    if any(v is not None for v in given) and not all(v is not None for v in given):
-        cli.fail("multi-process evaluation needs --coordinator_address, --num_processes and --process_id together.")
+    try:
+        cli.check_process_flags(args)
+    except cli.UsageError as error:
+        cli.fail(error)
     return args, config
 
 
@@ -204,13 +201,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
         if args.coordinator_address:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    import importlib
 
     from softnce import assembly, distributed
     from softnce.config_checks import ConfigError
 
-    for module in filter(None, args.import_modules.split(",")):
-        importlib.import_module(module)
+    cli.import_modules(args.import_modules)
     try:
         assembly.validate_config(config)
     except ConfigError as error:

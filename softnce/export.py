@@ -114,8 +114,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="directory to write the export to (new, empty or an export)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--platforms", default=None, help="comma-separated backends, e.g. cpu,cuda,tpu")
-    parser.add_argument("--import_modules", default="", help="comma-separated modules to import first (a run of "
-                        "a user's model needs the module that registers it)")
+    cli.add_import_modules_flag(parser, "a run of a user's model needs the module that registers it")
     return parser
 
 
@@ -127,12 +126,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         _check_out_dir(checkpointing.resolve(args.out))
     except cli.UsageError as error:
         cli.fail(error)
-    import importlib
 
     from softnce import checkpoint_metadata, inference
 
-    for module in filter(None, args.import_modules.split(",")):
-        importlib.import_module(module)
+    cli.import_modules(args.import_modules)
     try:
         classifier = inference.load(args.workdir, args.step)
     except (FileNotFoundError, checkpoint_metadata.MetadataError) as error:

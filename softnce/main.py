@@ -37,23 +37,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
                                 "one run of a config (softnce.main).", epilog=cli.OVERRIDES_HELP)
     parser.add_argument("--config", required=True, help=cli.CONFIG_HELP)
     parser.add_argument("--workdir", required=True, help="directory for checkpoints, logs and results")
-    parser.add_argument("--import_modules", type=lambda text: [m for m in text.split(",") if m], default=[],
-                        help="comma-separated modules to import first, e.g. ones that register losses, models "
-                             "or datasets")
-    parser.add_argument("--coordinator_address", help="host:port of process 0 (multi-process only)")
-    parser.add_argument("--num_processes", type=int, help="number of processes (multi-process only)")
-    parser.add_argument("--process_id", type=int, help="this process's index (multi-process only)")
-    parser.add_argument("--num_cpu_devices", type=int, help="simulate this many CPU devices (testing)")
+    cli.add_run_flags(parser)
     try:
         raw_overrides, rest = cli.split_overrides(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(rest)
         config = cli.config_from_command_line(args.config, raw_overrides)
-        multiprocess = (args.coordinator_address, args.num_processes, args.process_id)
-        if any(value is not None for value in multiprocess):  # the usual single process needs no jax here
-            from softnce.distributed import check_initialize_args
-
-            check_initialize_args(*multiprocess)
-    except (cli.UsageError, ValueError) as error:
+        cli.check_process_flags(args)
+    except cli.UsageError as error:
         cli.fail(error)
     return args, config
 
@@ -75,15 +65,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if args.coordinator_address:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
-    import importlib
-
     from softnce import assembly, distributed, train
     from softnce.checkpointing import CheckpointError
     from softnce.config_checks import ConfigError
     from softnce.data.base import DataError, DataNotPreparedError
 
-    for module in args.import_modules:
-        importlib.import_module(module)  # e.g. a module of the user's that calls losses.register_loss
+    cli.import_modules(args.import_modules)  # e.g. a module of the user's that calls losses.register_loss
     try:
         assembly.validate_config(config)  # names and numbers: before any data is read
     except ConfigError as error:
