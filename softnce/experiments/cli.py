@@ -25,7 +25,6 @@ QUICK = "quick"
 class Protocol:
     """A parsed experiment command line: the chosen setting, where it writes, and the rest of its flags."""
 
-    name: str  # the setting's name, e.g. 'full' or 'quick'
     setting: Any  # settings[name], with the given setting-field flags applied
     out: Optional[str]  # --out, or the default folder of the setting (None: the experiment picks one)
     data_dir: Optional[str]  # --data_dir (None: ~/tensorflow_datasets) when the experiment reads tfds data
@@ -89,7 +88,7 @@ def parse_protocol(
     if fashion_mnist:
         _check_fashion_mnist_prepared(args.data_dir)
     folder = args.out or (None if out is None else out if name == "full" else f"{out}_{name}")
-    return Protocol(name=name, setting=setting, out=folder, data_dir=getattr(args, "data_dir", None),
+    return Protocol(setting=setting, out=folder, data_dir=getattr(args, "data_dir", None),
                     overrides=overrides, args=args)
 
 
