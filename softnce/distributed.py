@@ -7,6 +7,7 @@ the global batch; ``jax.make_array_from_process_local_data`` assembles the globa
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 import jax
@@ -42,12 +43,55 @@ def initialize(
         jax.distributed.initialize(
             coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
         )
-        return
-    tpu_pod = os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") not in ("", "localhost")
-    if tpu_pod or any(int(os.environ.get(v, "0") or 0) > 1 for v in _MULTIPROCESS_ENV[:2]) or (
-        "JAX_COORDINATOR_ADDRESS" in os.environ
-    ):
-        jax.distributed.initialize()
+    else:
+        tpu_pod = os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") not in ("", "localhost")
+        if tpu_pod or any(int(os.environ.get(v, "0") or 0) > 1 for v in _MULTIPROCESS_ENV[:2]) or (
+            "JAX_COORDINATOR_ADDRESS" in os.environ
+        ):
+            jax.distributed.initialize()
+    avoid_cached_cpu_collectives()
+
+
+# jaxlib releases whose CPU executables, once loaded from the persistent compilation cache, hang in
+# their first cross-process collective (gloo): every process waits in the collective, using no CPU.
+# Found in 0.12.1 (0.10.2, 0.11.2 and 0.12.0 are not affected); newer releases count as affected until
+# a run of `tests/test_multihost.py` with a warm cache shows otherwise (docs/running_at_scale.md).
+FIRST_JAXLIB_WITH_CACHED_CPU_COLLECTIVES_HANG = (0, 12, 1)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
+
+
+def cached_cpu_collectives_hang(jaxlib_version: Optional[str] = None) -> bool:
+    """Whether this jaxlib hangs cross-process CPU collectives of executables from the compilation cache."""
+    if jaxlib_version is None:
+        import jaxlib
+
+        jaxlib_version = jaxlib.__version__
+    return _version_tuple(jaxlib_version) >= FIRST_JAXLIB_WITH_CACHED_CPU_COLLECTIVES_HANG
+
+
+def avoid_cached_cpu_collectives() -> bool:
+    """Turns JAX's persistent compilation cache off for a multi-process CPU job on an affected jaxlib.
+
+    Every process then compiles its programs (as on a cold cache) and none reads an executable from
+    the cache (see :data:`FIRST_JAXLIB_WITH_CACHED_CPU_COLLECTIVES_HANG`). Process 0 prints one line
+    saying so when a cache directory was set. Returns whether the cache was turned off. Call after
+    ``jax.distributed.initialize`` and before the first compilation.
+    """
+    if jax.process_count() == 1 or jax.devices()[0].platform != "cpu" or not cached_cpu_collectives_hang():
+        return False
+    if not jax.config.jax_enable_compilation_cache:
+        return False
+    jax.config.update("jax_enable_compilation_cache", False)
+    if jax.config.jax_compilation_cache_dir and jax.process_index() == 0:
+        import jaxlib
+
+        print(f"softnce: note: the persistent compilation cache is off for this multi-process CPU run: with jaxlib "
+              f"{jaxlib.__version__}, executables loaded from it hang in their first collective across processes "
+              "(docs/running_at_scale.md).", file=sys.stderr, flush=True)
+    return True
 
 
 def coordination_client():

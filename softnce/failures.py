@@ -325,7 +325,9 @@ def end_job_on_failed_save(ckpt_dir: str):
         yield
         return
     watch, logger = _FailedSaveWatch(ckpt_dir), logging.getLogger("absl")  # orbax logs through absl
-    logger.addFilter(watch)
+    # First among the logger's filters: a logger stops at the first filter that rejects a record, and
+    # quiet_background_errors drops these very records (the job would then hang at orbax's barrier).
+    logger.filters.insert(0, watch)
     try:
         yield
     finally:

@@ -20,14 +20,29 @@ once per train step, with the step's number, and saves and stops at the first st
   loop then asks once about the step it starts from, and a notice that reached the service before
   that (restoring, compiling) is agreed on by all processes with one all-gather: they all stop
   after the loop's first step.
+- **During a hang.** A stop needs the loop to reach the agreed step, which a stuck step or
+  collective never lets it do. A daemon thread (:class:`_StopDeadline`) sees the SIGTERM wherever
+  the main thread is blocked (JAX's notice in the coordination service on several processes; the
+  signal's wakeup file descriptor on one) and, if the stop step is not reached within
+  :data:`STOP_BOUND_S` of it (of the loop's start, for a SIGTERM that came during start-up), ends
+  every process with one line and :data:`STOPPED_UNSAVED_EXIT_CODE` through
+  :func:`softnce.failures.exit_run`. Nothing is saved from the stuck state: the relaunch resumes from
+  the last complete checkpoint. The bound leaves time for the exit (at most
+  :data:`softnce.failures.ACK_TIMEOUT_S` more) within a 30 s grace period.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
 from typing import Optional
+
+STOP_BOUND_S = 15.0  # from the SIGTERM to the agreed stop step; then the stuck run exits unsaved
+STOPPED_UNSAVED_EXIT_CODE = 143  # 128 + SIGTERM: what a process killed by the signal reports
+_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"  # where JAX's preemption service records a SIGTERM
+_POLL_S = 0.5
 
 _early_sigterm = threading.Event()
 
@@ -48,17 +63,18 @@ class Preemption:
 
     Args:
       start_step: the step the loop starts from (the state's step): its first step is ``start_step + 1``.
+      ckpt_dir: named, with its last complete checkpoint, when a stuck run exits unsaved.
+      bound_s: the time allowed from a SIGTERM to the stop step (:data:`STOP_BOUND_S`).
     """
 
-    _NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"  # where JAX's preemption service records a SIGTERM
-
-    def __init__(self, start_step: int):
+    def __init__(self, start_step: int, *, ckpt_dir: Optional[str] = None, bound_s: float = STOP_BOUND_S):
         self.start_step = start_step
         self._flag = threading.Event()
         self._old_handler: Optional[object] = None
         self._installed = False
         self._stop_at_first_step = False
         self.coordinated = False
+        self._deadline = _StopDeadline(ckpt_dir, bound_s)
 
     def __enter__(self) -> "Preemption":
         import jax
@@ -75,6 +91,7 @@ class Preemption:
             self._installed = True
             if _early_sigterm.is_set():
                 self._flag.set()
+        self._deadline.start_watching(self.coordinated, early=_early_sigterm.is_set() or self._stop_at_first_step)
         return self
 
     def _agree_on_an_early_notice(self) -> None:
@@ -87,7 +104,7 @@ class Preemption:
 
         multihost_utils.reached_preemption_sync_point(self.start_step)
         try:
-            seen = distributed.coordination_client().key_value_try_get(self._NOTICE_KEY) is not None
+            seen = distributed.coordination_client().key_value_try_get(_NOTICE_KEY) is not None
         except Exception:  # noqa: BLE001  (NOT_FOUND: no notice yet)
             seen = False
         self._stop_at_first_step = bool(np.any(multihost_utils.process_allgather(np.asarray(seen))))
@@ -105,11 +122,82 @@ class Preemption:
             from jax.experimental import multihost_utils
 
             reached = multihost_utils.reached_preemption_sync_point(step)
-            return reached or (self._stop_at_first_step and step == self.start_step + 1)
-        return self._flag.is_set()
+            stop = reached or (self._stop_at_first_step and step == self.start_step + 1)
+        else:
+            stop = self._flag.is_set()
+        if stop:
+            self._deadline.reached.set()
+        return stop
 
     def __exit__(self, *exc) -> None:
+        self._deadline.stop_watching()
         _early_sigterm.clear()
         if self._installed:
             signal.signal(signal.SIGTERM, self._old_handler if self._old_handler is not None else signal.SIG_DFL)
             self._installed = False
+
+
+class _StopDeadline:
+    """Ends a run that received SIGTERM but does not reach its stop step within ``bound_s`` (see the module doc)."""
+
+    def __init__(self, ckpt_dir: Optional[str], bound_s: float):
+        self.ckpt_dir, self.bound_s = ckpt_dir, bound_s
+        self.reached = threading.Event()  # the loop is at the stop step (or has left)
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._wakeup: Optional[tuple[int, int]] = None  # (read end, the wakeup fd it replaced), one process
+
+    def start_watching(self, coordinated: bool, *, early: bool) -> None:
+        if not coordinated:
+            if threading.current_thread() is not threading.main_thread():
+                return  # signals reach only the main thread's handlers: nothing to watch
+            read_end, write_end = os.pipe()
+            os.set_blocking(write_end, False)
+            self._wakeup = (read_end, signal.set_wakeup_fd(write_end, warn_on_full_buffer=False))
+        self._thread = threading.Thread(target=self._run, args=(coordinated, early), daemon=True,
+                                        name="softnce-stop-deadline")
+        self._thread.start()
+
+    def stop_watching(self) -> None:
+        self.reached.set()
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=4 * _POLL_S)  # its coordination-service poll returns within _POLL_S
+        if self._wakeup is not None:
+            read_end, previous = self._wakeup
+            os.close(signal.set_wakeup_fd(previous))
+            os.close(read_end)
+            self._wakeup = None
+
+    def _signalled(self, coordinated: bool) -> bool:
+        """Waits at most ``_POLL_S`` for a SIGTERM; whether one has come."""
+        if coordinated:
+            from softnce import distributed
+
+            try:
+                distributed.coordination_client().blocking_key_value_get(_NOTICE_KEY, int(_POLL_S * 1000))
+                return True
+            except Exception:  # noqa: BLE001  (DEADLINE_EXCEEDED: no notice yet; a lost service is failures')
+                return False
+        read_end = self._wakeup[0]
+        if not select.select([read_end], [], [], _POLL_S)[0]:
+            return False
+        return signal.SIGTERM in os.read(read_end, 512)
+
+    def _run(self, coordinated: bool, early: bool) -> None:
+        signalled = early
+        while not signalled:
+            if self._stopping.is_set():
+                return
+            signalled = self._signalled(coordinated)
+        if self.reached.wait(self.bound_s) or self._stopping.is_set():
+            return
+        from softnce import failures
+
+        kept = "" if self.ckpt_dir is None else f" ({failures.last_complete_checkpoint(self.ckpt_dir)})"
+        failures.exit_run(
+            f"stopping for SIGTERM: the stop step was not reached within {self.bound_s:.0f} s, so a step or a "
+            f"collective is stuck; exiting with code {STOPPED_UNSAVED_EXIT_CODE} without saving. Rerun the same "
+            f"command to resume from the last complete checkpoint{kept}.",
+            STOPPED_UNSAVED_EXIT_CODE,
+        )

@@ -192,6 +192,7 @@ class StepsInFlight:
         self.pending: collections.deque = collections.deque()
 
     def dispatched(self, step: int, output: Any) -> None:
+        self.watchdog.dispatched(step)
         self.pending.append((step, output))
         while len(self.pending) >= self.limit:
             self._finish_oldest()
@@ -343,7 +344,7 @@ def train_loop(run: Run, *, stop_at_step: Optional[int] = None) -> dict:
     in_flight = StepsInFlight(max_steps_in_flight(config), watchdog)
     metadata = checkpoint_metadata.build(config, run.dataset, run.log_noise_probs)  # saved with every checkpoint
 
-    with (preemption.Preemption(run.start_step) as stop_request, watchdog,
+    with (preemption.Preemption(run.start_step, ckpt_dir=run.ckpt_dir) as stop_request, watchdog,
           failures.end_job_on_failed_save(run.ckpt_dir)):
         for step in range(run.start_step + 1, total + 1):
             batch = distributed.global_batch(run.mesh, next(run.batches))

@@ -5,9 +5,13 @@ jaxlib version, so Pythons with the same jaxlib share it), shared by the xdist w
 subprocesses the tests start: the suite compiles the same train and eval steps many times, and the
 cache roughly halves its run time. The cache key covers the program, the jax/jaxlib version, the
 flags and the devices, so a hit runs exactly the program a fresh compilation would build.
+
+A test that fails (or times out) while processes it started still run ends them: every
+``subprocess.Popen`` is recorded, and those a test started are killed when it ends.
 """
 import importlib.metadata
 import os
+import subprocess
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -26,6 +30,29 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+_started: list = []  # every subprocess.Popen of this pytest process, until it has ended
+
+
+class _RecordedPopen(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _started.append(self)
+
+
+subprocess.Popen = _RecordedPopen  # subprocess.run and the tests' launchers look it up there
+
+
+@pytest.fixture(autouse=True)
+def _end_the_processes_a_test_started():
+    """Kills (SIGKILL) the processes a test started that still run when it ends, passed or failed."""
+    before = set(_started)
+    yield
+    for process in _started:
+        if process not in before and process.poll() is None:
+            process.kill()
+            process.wait()
+    _started[:] = [p for p in _started if p.poll() is None]
 
 
 @pytest.fixture

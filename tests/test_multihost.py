@@ -23,6 +23,7 @@ import tiny_images
 
 from softnce import checkpointing, train
 from softnce.configs import vit_finetune
+from softnce.experiments.stress_preemption import wait_all
 from softnce.metric_writer import read_scalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,12 +66,12 @@ def _launch_two(data_dir, workdir, logs, env):
 
 
 def _wait(processes, logs):
-    """Waits for the processes; returns their outputs (each must have exited 0)."""
-    for p in processes:
-        p.wait(timeout=300)
+    """Waits for the processes (killing those still running after 300 s); returns their outputs (each must
+    have exited 0)."""
+    codes, _ = wait_all(processes, 300)
     outputs = [open(log).read() for log in logs]
-    for p, out in zip(processes, outputs):
-        assert p.returncode == 0, out[-5000:]
+    for code, out in zip(codes, outputs):
+        assert code == 0, out[-5000:]
     return outputs
 
 

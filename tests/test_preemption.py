@@ -27,7 +27,8 @@ import orbax.checkpoint as ocp
 import pytest
 from test_reliability import corrupt_checkpoint
 
-from softnce.experiments.stress_preemption import REPO, equal, final_params, launch, run_args, wait_all
+from softnce import preemption, watchdog
+from softnce.experiments.stress_preemption import REPO, cli_env, equal, final_params, launch, run_args, wait_all
 
 STEPS = 300
 CHECKPOINT_EVERY = 100
@@ -41,8 +42,9 @@ def _logs(root, count=2):
 
 
 def _read(logs):
-    """The outputs of the processes, without the lines that gloo's C++ code prints when it connects."""
-    return ["".join(line for line in open(log) if not line.startswith("[Gloo] ")) for log in logs]
+    """The outputs of the processes, without the lines that gloo's C++ code prints when it connects (its
+    threads' lines can be cut into pieces)."""
+    return ["".join(line for line in open(log) if "[Gloo] " not in line and "peer ranks" not in line) for log in logs]
 
 
 def _wait_for_training(log, processes, timeout_s=300.0):
@@ -109,6 +111,71 @@ def test_sigterm_saves_one_agreed_step_exits_0_and_the_relaunch_equals_an_uninte
     final_step, params = final_params(workdir)
     assert final_step == STEPS
     assert equal(params, finished_run[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# A stuck step (tests/stuck_step.py: a step of process 1 never finishes): the watchdog from the first
+# step on, and SIGTERM during the hang.
+# --------------------------------------------------------------------------------------------------
+
+STUCK_ARGS = ["--import_modules=stuck_step", "--config=configs/digits.py:loss=nll,steps=100",
+              "--config.loss.name=stuck_nll", "--config.checkpoint_every_steps=20", "--config.log_every_steps=10"]
+
+
+def _stuck_env(after_steps, marker=None):
+    env = dict(cli_env(), STUCK_AFTER_STEPS=str(after_steps), STUCK_PROCESS="1",
+               PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH", "")]))
+    if marker:
+        env["STUCK_MARKER"] = str(marker)
+    return env
+
+
+def test_a_step_stuck_from_the_first_on_one_process_ends_both_through_the_watchdog(tmp_path):
+    """The limit covers compilation and the first step; both processes exit with the watchdog's code and one
+    line naming the phase. (The limit stays below the 30 s after which XLA:CPU's gloo collectives give up,
+    which would end the job as a lost process instead; a pod's collectives wait for ever.)"""
+    workdir, logs = str(tmp_path / "run"), _logs(tmp_path)
+    limit = 20.0
+    codes, took = wait_all(launch(STUCK_ARGS + [f"--config.step_timeout_s={limit}"], workdir, logs,
+                                  env=_stuck_env(0)), 240)
+    outputs = _read(logs)
+    assert codes == [watchdog.WATCHDOG_EXIT_CODE] * 2, outputs
+    assert limit < took < limit + 60, took  # start-up and the exit on top of the limit
+    for out in outputs:
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert len(lines) == 1, out  # no progress line: no step finished
+        assert lines[0].startswith("softnce: error: watchdog: stuck in the first step (step 1) on process "), lines
+        assert f"limit {limit:.1f} s; no step had finished" in lines[0]
+
+
+def test_sigterm_during_a_stuck_step_ends_both_within_the_grace_period_and_the_relaunch_resumes(tmp_path):
+    """The stop step is never reached: each process exits unsaved with one line and the preemption code
+    within 30 s; the last complete checkpoint (step 40) stays the latest, and the relaunch resumes from it."""
+    workdir, logs, marker = str(tmp_path / "run"), _logs(tmp_path), tmp_path / "stuck"
+    processes = launch(STUCK_ARGS, workdir, logs, env=_stuck_env(50, marker))
+    deadline = time.monotonic() + 300
+    while not marker.exists():  # process 1 is inside step 51
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), _read(logs)
+        time.sleep(0.2)
+    time.sleep(2.0)  # process 0 waits in the step's collective
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    codes, took = wait_all(processes, GRACE_S)
+    outputs = _read(logs)
+    assert codes == [preemption.STOPPED_UNSAVED_EXIT_CODE] * 2, (codes, outputs)
+    assert preemption.STOP_BOUND_S <= took < GRACE_S, took
+    for out in outputs:
+        errors = _error_lines(out)
+        assert len(errors) == 1, out
+        assert errors[0].startswith("softnce: error: stopping for SIGTERM: the stop step was not reached"), errors
+        assert f"(step 40 in {os.path.join(workdir, 'checkpoints')})" in errors[0], errors[0]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "40"]  # nothing saved since
+
+    codes, _ = wait_all(launch(STUCK_ARGS, workdir, logs, env=_stuck_env(10 ** 6)), 300)
+    outputs = _read(logs)
+    assert codes == [0, 0], outputs
+    assert "resumed from the checkpoint of step 40" in outputs[0], outputs[0][-3000:]
+    assert final_params(workdir)[0] == 100
 
 
 # --------------------------------------------------------------------------------------------------

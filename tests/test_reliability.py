@@ -1,7 +1,9 @@
 """Reliability: long 8-device runs, bounded dispatch, checkpoint fallback, config checks, the watchdog."""
 
+import errno
 import glob
 import importlib
+import logging
 import math
 import os
 import subprocess
@@ -17,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from test_train import latest_params, small_config
 
-from softnce import assembly, config_checks, train, watchdog
+from softnce import assembly, config_checks, failures, train, watchdog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,9 +44,12 @@ def test_eight_device_cli_run_of_600_steps_finishes(tmp_path, cli_env):
 
 
 def test_steps_in_flight_are_bounded_and_reported_to_the_watchdog():
-    finished = []
+    finished, dispatched = [], []
 
     class Recorder:
+        def dispatched(self, step):
+            dispatched.append(step)
+
         def step_finished(self, step):
             finished.append(step)
 
@@ -52,7 +57,7 @@ def test_steps_in_flight_are_bounded_and_reported_to_the_watchdog():
     for step in range(1, 6):
         in_flight.dispatched(step, jnp.ones(3) * step)
         assert len(in_flight.pending) <= 1  # plus the next one dispatched: at most 2 in flight
-    assert finished == [1, 2, 3, 4]
+    assert finished == [1, 2, 3, 4] and dispatched == [1, 2, 3, 4, 5]
     in_flight.drain()
     assert finished == [1, 2, 3, 4, 5] and not in_flight.pending
     synchronous = train.StepsInFlight(1, Recorder())
@@ -187,24 +192,38 @@ def test_negative_learning_rate_fails_before_the_first_step_in_one_line(tmp_path
 # --------------------------------------------------------------------------------------------------
 
 
-def test_watchdog_fires_only_when_armed_and_not_paused():
+def test_watchdog_reports_a_first_step_that_never_compiles_or_finishes():
+    for dispatch, phase in ((False, "compiling the train step"), (True, "the first step (step 1)")):
+        exits = []
+        record = lambda message, code: exits.append((message, code))  # noqa: E731
+        with watchdog.StepWatchdog(0.3, exit_fn=record, poll_s=0.02) as dog:
+            if dispatch:
+                dog.dispatched(1)
+            time.sleep(0.6)
+        assert len(exits) == 1 and exits[0][1] == watchdog.WATCHDOG_EXIT_CODE
+        assert exits[0][0].startswith(f"watchdog: stuck in {phase} on process 0: nothing finished for 0."), exits
+        assert "no step had finished" in exits[0][0]
+
+
+def test_watchdog_names_the_stuck_step_and_stops_its_clock_while_paused():
     exits = []
-    with watchdog.StepWatchdog(0.3, exit_fn=lambda message, code: exits.append(code), poll_s=0.02) as dog:
-        time.sleep(0.6)  # not armed yet: the first step (compilation) has not finished
-        assert exits == []
+    with watchdog.StepWatchdog(0.3, exit_fn=lambda message, code: exits.append(message), poll_s=0.02) as dog:
+        dog.dispatched(1)
         dog.step_finished(1)
         with dog.paused():  # evaluation / checkpointing
             time.sleep(0.6)
         assert exits == []
+        dog.dispatched(2)
         time.sleep(0.8)
-    assert exits == [watchdog.WATCHDOG_EXIT_CODE]
+    assert len(exits) == 1 and "stuck in step 2 on process 0" in exits[0] and "the last finished step is 1" in exits[0]
 
 
-def test_automatic_timeout_is_generous_and_needs_samples():
+def test_automatic_timeout_is_bounded_from_the_start_and_generous_once_steps_are_timed():
     dog = watchdog.StepWatchdog(None, exit_fn=lambda message, code: None)
+    assert dog.timeout() == watchdog.FIRST_STEP_TIMEOUT_S == 600.0  # compilation and the first steps
     for step in range(1, watchdog.AUTO_MIN_SAMPLES + 1):
         dog.step_finished(step)
-        assert dog.timeout() is None
+        assert dog.timeout() == watchdog.FIRST_STEP_TIMEOUT_S
     dog.step_finished(watchdog.AUTO_MIN_SAMPLES + 1)
     assert dog.timeout() == watchdog.AUTO_MIN_TIMEOUT_S  # 10 x a tiny median is below the floor
 
@@ -238,10 +257,30 @@ def test_watchdog_ends_a_run_whose_step_sleeps(tmp_path, cli_env):
     env = dict(cli_env, PYTHONPATH=f"{tmp_path}{os.pathsep}{cli_env.get('PYTHONPATH', '')}")
     cmd = [sys.executable, "-m", "softnce.main", "--import_modules=sleepy_loss",
            "--config=configs/digits.py:loss=nll,steps=200", "--config.loss.name=sleepy_nll",
-           "--config.step_timeout_s=3", "--num_cpu_devices=1", f"--workdir={tmp_path / 'run'}"]
+           "--config.step_timeout_s=10", "--num_cpu_devices=1", f"--workdir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # < the sleep
     assert proc.returncode == watchdog.WATCHDOG_EXIT_CODE, (proc.stdout + proc.stderr)[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, lines  # one line, no tracebacks from the threads left running
-    assert lines[0].startswith("softnce: error: watchdog: no train step finished for")
-    assert "after step 30 on process 0" in lines[0]
+    assert lines[0].startswith("softnce: error: watchdog: stuck in step 31 on process 0: nothing finished for")
+    assert "the last finished step is 30" in lines[0]
+
+
+def test_a_failed_background_save_ends_the_job_even_though_its_log_record_is_kept_off_stderr(monkeypatch):
+    """softnce.main keeps orbax's error records off stderr (quiet_background_errors), and a logger stops at the
+    first filter that rejects a record: the failed-save watch must still see it, or the other processes
+    wait at orbax's barrier for minutes (the two-process full disk)."""
+    ended = []
+    monkeypatch.setattr(failures, "_client", lambda: object())  # as on a multi-process job
+    monkeypatch.setattr(failures, "exit_run", lambda message, code=failures.EXIT_FAILURE: ended.append(message))
+    logger, noise = logging.getLogger("absl"), failures._BackgroundNoise()
+    logger.addFilter(noise)
+    try:
+        with failures.end_job_on_failed_save("/nonexistent/checkpoints"):
+            error = OSError(errno.ENOSPC, "No space left on device")
+            record = logging.LogRecord("absl", logging.ERROR, "/site-packages/orbax/checkpoint/async.py", 1,
+                                       "background save failed", None, (OSError, error, None))
+            assert not logger.filter(record)  # kept off stderr
+    finally:
+        logger.removeFilter(noise)
+    assert len(ended) == 1 and ended[0].startswith("no space left on the device"), ended
