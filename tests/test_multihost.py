@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tiny_images
 
-from softnce import checkpointing, train
+from softnce import checkpointing, distributed, train
 from softnce.configs import vit_finetune
 from softnce.experiments.stress_preemption import wait_all
 from softnce.metric_writer import read_scalars
@@ -186,3 +186,43 @@ def test_coordinator_without_process_flags_is_a_clear_error(tmp_path, cli_env):
     out = open(log).read()
     assert "missing --num_processes, --process_id" in out
     assert not os.path.exists(tmp_path / "w")
+
+
+PSUM_PROGRAM = """
+import sys
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from softnce import distributed
+jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+mesh = distributed.make_mesh()
+total = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x.sum(keepdims=True), "data"), mesh=mesh,
+                              in_specs=P("data"), out_specs=P("data")))
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), np.full(2, 1.0 + int(sys.argv[2])))
+print("psum", float(total(x).addressable_data(0)[0]))
+"""
+
+
+def test_two_processes_run_again_with_the_compilation_cache_they_filled(tmp_path, cli_env):
+    """The second launch finds every program in the persistent compilation cache; on jaxlib 0.12.1 such
+    executables hang in their first cross-process collective, so softnce.distributed turns the cache off
+    there (docs/running_at_scale.md). Both launches must finish, with the right sum."""
+    env = dict(cli_env, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"))
+    for launch in ("cold", "warm"):
+        address = f"127.0.0.1:{_free_port()}"
+        logs = [str(tmp_path / f"{launch}{i}.log") for i in (0, 1)]
+        processes = [subprocess.Popen([sys.executable, "-c", PSUM_PROGRAM, address, str(i)], cwd=REPO, env=env,
+                                      stdout=open(log, "w"), stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+        codes, _ = wait_all(processes, 120)
+        outputs = [open(log).read() for log in logs]
+        assert codes == [0, 0], (launch, outputs)
+        assert all("psum 6.0" in out for out in outputs), outputs  # 2 x 1.0 + 2 x 2.0
+        turned_off = distributed.cached_cpu_collectives_hang()
+        assert ("the persistent compilation cache is off" in outputs[0]) == turned_off, outputs[0]
+
+
+def test_the_jaxlib_releases_whose_cached_cpu_collectives_hang():
+    assert not any(map(distributed.cached_cpu_collectives_hang, ("0.10.2", "0.11.2", "0.12.0")))
+    assert all(map(distributed.cached_cpu_collectives_hang, ("0.12.1", "0.12.2.dev20261201", "0.13.0")))

@@ -20,9 +20,17 @@ trial passes when both processes exit with code 1 within ``--grace`` seconds of 
 prints exactly one line ``softnce: error: no space left ...`` and no traceback, and the checkpoint
 that line names as the last complete one is restorable.
 
+``--test NODE_ID`` runs one test of the suite alone, ``--test_runs`` times (10), each in a fresh pytest
+process, as a developer runs it (the suite's persistent compilation cache, warm after the first run).
+
+``--compilation_cache DIR`` runs every process with JAX's persistent compilation cache in ``DIR``
+(warmed by the uninterrupted run), as the test suite runs them.
+
 Usage::
 
-    python experiments/stress_preemption.py --trials 20 --full_disk 10    # the record in BENCHMARKS.md
+    python experiments/stress_preemption.py --trials 20 --full_disk 10 --compilation_cache /tmp/cache  # BENCHMARKS.md
+    python experiments/stress_preemption.py --trials 0 --test_runs 10 \
+        --test "tests/test_preemption.py::test_a_full_disk_is_one_error_line_and_the_workdir_resumes_elsewhere[2]"
 """
 
 from __future__ import annotations
@@ -113,12 +121,13 @@ def equal(a, b) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def trial(args: Sequence[str], root: str, delay_s: float, target: str, grace_s: float, reference) -> tuple[str, float]:
+def trial(args: Sequence[str], root: str, delay_s: float, target: str, grace_s: float, reference,
+          env: Optional[dict] = None) -> tuple[str, float]:
     """One trial (see the module docstring); returns ``''`` if it passed, else what went wrong, and the
     seconds from the signal until the last process exited."""
     workdir = os.path.join(root, "run")
     logs = [os.path.join(root, f"process{i}.log") for i in (0, 1)]
-    processes = launch(args, workdir, logs)
+    processes = launch(args, workdir, logs, env=env)
     time.sleep(delay_s)
     for i, process in enumerate(processes):
         if target in ("both", f"process {i}"):
@@ -130,7 +139,7 @@ def trial(args: Sequence[str], root: str, delay_s: float, target: str, grace_s: 
     if leftovers:
         return f"unfinished checkpoints left: {leftovers}", took
     stopped = final_params(workdir)[0]
-    relaunch, _ = wait_all(launch(args, workdir, logs), 600)
+    relaunch, _ = wait_all(launch(args, workdir, logs, env=env), 600)
     if relaunch != [0, 0]:
         return f"relaunch after the stop at step {stopped}: exit codes {relaunch}", took
     if not equal(final_params(workdir)[1], reference):
@@ -138,7 +147,7 @@ def trial(args: Sequence[str], root: str, delay_s: float, target: str, grace_s: 
     return "", took
 
 
-def full_disk_trial(root: str, grace_s: float) -> str:
+def full_disk_trial(root: str, grace_s: float, env: Optional[dict] = None) -> str:
     """One full-disk trial (see the module docstring); returns ``''`` if it passed, else what went wrong."""
     disk = os.path.join(root, "small")
     os.makedirs(disk)
@@ -146,7 +155,7 @@ def full_disk_trial(root: str, grace_s: float) -> str:
     try:
         args = run_args(300, 10) + ["--config.max_checkpoints=1000"]
         workdir, logs = os.path.join(disk, "run"), [os.path.join(root, f"process{i}.log") for i in (0, 1)]
-        codes, took = wait_all(launch(args, workdir, logs), grace_s)
+        codes, took = wait_all(launch(args, workdir, logs, env=env), grace_s)
         if codes != [1, 1]:
             return f"exit codes {codes} after {took:.1f} s"
         for i, log in enumerate(logs):
@@ -162,6 +171,21 @@ def full_disk_trial(root: str, grace_s: float) -> str:
         subprocess.run(["umount", "-l", disk], check=False)
 
 
+def repeat_test(node_id: str, runs: int) -> int:
+    """Runs the test ``node_id`` alone ``runs`` times (``python -m pytest -q``, from the repository); prints each
+    outcome and ``test runs: N, failed: F``; returns F."""
+    failed = 0
+    for index in range(runs):
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node_id], cwd=REPO,
+                              capture_output=True, text=True)
+        failed += bool(done.returncode)
+        outcome = "ok" if not done.returncode else "FAILED: " + (done.stdout + done.stderr)[-1500:]
+        print(f"test run {index}: {time.monotonic() - start:.0f} s: {outcome}", flush=True)
+    print(f"test runs: {runs} of {node_id}, failed: {failed}", flush=True)
+    return failed
+
+
 def main(argv=None) -> None:
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=20, help="preempted-and-relaunched runs")
@@ -170,13 +194,28 @@ def main(argv=None) -> None:
     parser.add_argument("--grace", type=float, default=30.0, help="seconds from SIGTERM to SIGKILL")
     parser.add_argument("--seed", type=int, default=0, help="seed of the signal times")
     parser.add_argument("--full_disk", type=int, default=0, help="full-disk trials (needs root to mount a tmpfs)")
+    parser.add_argument("--test", action="append", default=[],
+                        help="a pytest node id to run alone --test_runs times, each in a fresh pytest process "
+                             "(repeatable); e.g. the two-process full-disk test")
+    parser.add_argument("--test_runs", type=int, default=10, help="runs of each --test")
+    parser.add_argument("--compilation_cache", default=None,
+                        help="JAX's persistent compilation cache for every run (as the test suite and many pods "
+                             "use it), warmed by the uninterrupted run; default: none")
     options = parser.parse_args(argv)
+    for node_id in options.test:
+        repeat_test(node_id, options.test_runs)
+    if not (options.trials or options.full_disk):
+        return
     args = run_args(options.steps, options.checkpoint_every)
     rng = random.Random(options.seed)
+    env = cli_env()
+    if options.compilation_cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=os.path.abspath(options.compilation_cache),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.monotonic()
         logs = [os.path.join(tmp, f"reference{i}.log") for i in (0, 1)]
-        codes, _ = wait_all(launch(args, os.path.join(tmp, "reference"), logs), 600)
+        codes, _ = wait_all(launch(args, os.path.join(tmp, "reference"), logs, env=env), 600)
         if codes != [0, 0]:
             sys.exit(f"the uninterrupted run failed ({codes}); see {logs}")
         length = time.monotonic() - start
@@ -186,7 +225,7 @@ def main(argv=None) -> None:
         for index in range(options.trials):
             delay, target = rng.uniform(0.2, length), TARGETS[index % len(TARGETS)]
             root = tempfile.mkdtemp(dir=tmp)
-            problem, took = trial(args, root, delay, target, options.grace, reference)
+            problem, took = trial(args, root, delay, target, options.grace, reference, env)
             failed += bool(problem)
             exit_times.append(took)
             print(f"trial {index}: SIGTERM to {target} after {delay:.1f} s, exited {took:.1f} s later: "
@@ -196,7 +235,7 @@ def main(argv=None) -> None:
                   f"{max(exit_times):.1f} s", flush=True)
         failed = 0
         for index in range(options.full_disk):
-            problem = full_disk_trial(tempfile.mkdtemp(dir=tmp), options.grace)
+            problem = full_disk_trial(tempfile.mkdtemp(dir=tmp), options.grace, env)
             failed += bool(problem)
             print(f"full-disk trial {index}: {problem or 'ok'}", flush=True)
         if options.full_disk:
