@@ -177,7 +177,9 @@ class _StopDeadline:
             try:
                 distributed.coordination_client().blocking_key_value_get(_NOTICE_KEY, int(_POLL_S * 1000))
                 return True
-            except Exception:  # noqa: BLE001  (DEADLINE_EXCEEDED: no notice yet; a lost service is failures')
+            except Exception as error:  # noqa: BLE001  (no notice yet; a lost service is softnce.failures' to report)
+                if "DEADLINE_EXCEEDED" not in str(error):
+                    self._stopping.wait(_POLL_S)
                 return False
         read_end = self._wakeup[0]
         if not select.select([read_end], [], [], _POLL_S)[0]:

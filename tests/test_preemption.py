@@ -178,6 +178,26 @@ def test_sigterm_during_a_stuck_step_ends_both_within_the_grace_period_and_the_r
     assert final_params(workdir)[0] == 100
 
 
+def test_sigterm_during_a_stuck_step_on_one_process_ends_it_unsaved(tmp_path):
+    """On one process the SIGTERM handler cannot run while the main thread waits inside XLA; the signal's
+    wakeup descriptor still lets the run end within the bound."""
+    workdir, logs, marker = str(tmp_path / "run"), _logs(tmp_path, 1), tmp_path / "stuck"
+    env = dict(_stuck_env(50, marker), STUCK_PROCESS="0")
+    (process,) = launch(STUCK_ARGS, workdir, logs, env=env, devices_per_process=2)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert time.monotonic() < deadline and process.poll() is None, _read(logs)
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    codes, took = wait_all([process], GRACE_S)
+    (out,) = _read(logs)
+    assert codes == [preemption.STOPPED_UNSAVED_EXIT_CODE], (codes, out)
+    assert preemption.STOP_BOUND_S <= took < GRACE_S, took
+    errors = _error_lines(out)
+    assert len(errors) == 1 and errors[0].startswith("softnce: error: stopping for SIGTERM"), out
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "40"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Rerunning a finished run.
 # --------------------------------------------------------------------------------------------------
