@@ -7,7 +7,6 @@ the global batch; ``jax.make_array_from_process_local_data`` assembles the globa
 from __future__ import annotations
 
 import os
-import sys
 from typing import Optional
 
 import jax
@@ -76,21 +75,21 @@ def avoid_cached_cpu_collectives() -> bool:
     """Turns JAX's persistent compilation cache off for a multi-process CPU job on an affected jaxlib.
 
     Every process then compiles its programs (as on a cold cache) and none reads an executable from
-    the cache (see :data:`FIRST_JAXLIB_WITH_CACHED_CPU_COLLECTIVES_HANG`). Process 0 prints one line
-    saying so when a cache directory was set. Returns whether the cache was turned off. Call after
-    ``jax.distributed.initialize`` and before the first compilation.
+    the cache (see :data:`FIRST_JAXLIB_WITH_CACHED_CPU_COLLECTIVES_HANG`); an INFO log record says so
+    (the run's output keeps its one-line promises). Returns whether the cache was turned off. Call
+    after ``jax.distributed.initialize`` and before the first compilation.
     """
     if jax.process_count() == 1 or jax.devices()[0].platform != "cpu" or not cached_cpu_collectives_hang():
         return False
     if not jax.config.jax_enable_compilation_cache:
         return False
     jax.config.update("jax_enable_compilation_cache", False)
-    if jax.config.jax_compilation_cache_dir and jax.process_index() == 0:
-        import jaxlib
+    import jaxlib
+    from absl import logging
 
-        print(f"softnce: note: the persistent compilation cache is off for this multi-process CPU run: with jaxlib "
-              f"{jaxlib.__version__}, executables loaded from it hang in their first collective across processes "
-              "(docs/running_at_scale.md).", file=sys.stderr, flush=True)
+    logging.info("softnce: the persistent compilation cache is off for this multi-process CPU run: with jaxlib %s, "
+                 "executables loaded from it hang in their first collective across processes "
+                 "(docs/running_at_scale.md).", jaxlib.__version__)
     return True
 
 

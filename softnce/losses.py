@@ -528,9 +528,29 @@ def nll(logits: Array, labels: Array, *, temperature: float = 1.0, where: Option
 
 
 def sample_hard_labels(rng: Array, targets: Array) -> Array:
-    """Draws ``y_i ~ Categorical(a_i)`` for targets ``[N, C]``; returns int32 ``[N]``."""
+    """Draws ``y_i ~ Categorical(a_i)`` for targets ``[N, C]``; returns int32 ``[N]``.
+
+    Inside ``shard_map`` a key that is the same on every device (not varying over the mesh axes the
+    targets vary over) is cast to varying first, as newer jax requires: every device then draws with
+    that same key, as it does with older jax.
+    """
     log_a = jnp.log(jnp.clip(targets.astype(jnp.float32), 0.0, None))
-    return jax.random.categorical(rng, log_a, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(_varying_like(rng, log_a), log_a, axis=-1).astype(jnp.int32)
+
+
+def _varying_axes(x: Array) -> frozenset:
+    """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty outside; ``.vma`` in older jax)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _varying_like(value: Array, like: Array) -> Array:
+    """``value`` cast to vary over the mesh axes that ``like`` varies over inside ``shard_map`` (else unchanged)."""
+    missing = tuple(sorted(_varying_axes(like) - _varying_axes(value)))
+    if not missing or not hasattr(jax.lax, "pcast"):  # jax without pcast does not ask for the cast either
+        return value
+    return jax.lax.pcast(value, missing, to="varying")
 
 
 def soft_distribution_infonce(
