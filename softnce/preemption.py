@@ -192,7 +192,7 @@ class _StopDeadline:
             if self._stopping.is_set():
                 return
             signalled = self._signalled(coordinated)
-        if self.reached.wait(self.bound_s) or self._stopping.is_set():
+        if self.reached.wait(self.bound_s):  # stop_watching sets it too
             return
         from softnce import failures
 
